@@ -1,0 +1,26 @@
+"""PNG and JPEG files: recognition by signature and decoding to an 8-bit grey image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def image_kind(head: bytes) -> str | None:
+    """'png' or 'jpeg' from the first bytes of a file, else None."""
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    return None
+
+
+def read_grey(path: Path) -> Image.Image:
+    """Decode a PNG or JPEG to mode 'L' (colour exports are reduced to grey)."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("L") if image.mode != "L" else image.copy()

@@ -1,0 +1,183 @@
+"""The classifier: build, save with metadata, and load with integrity checks.
+
+A model file always travels with a metadata file of the same name ending in
+``.json``.  The metadata pins the model file's sha256, the class order, the
+input size and scaling, and the operating threshold, so a threshold is never
+used with a model it was not chosen for.  TensorFlow is imported only inside
+the functions that need it: reading metadata must stay cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
+PNEUMONIA_INDEX = 1
+INPUT_SIZE = 224
+
+# Pixel scaling a model may expect from RGB values in 0..255.  The shipped
+# model scales inside its own graph ("raw"); a user's model trained elsewhere
+# can declare one of the others in its metadata or with --input-scale.
+INPUT_SCALES = ("raw", "unit", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "densenet121_pneumonia.keras"
+
+
+class ModelError(Exception):
+    """The model file or its metadata is missing, corrupt or inconsistent."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def metadata_path(model_path: Path) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temp file in the same directory, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What screening needs to know about a model without loading it."""
+
+    path: Path
+    sha256: str
+    threshold: float
+    threshold_source: str
+    input_size: int
+    input_scale: str
+    metadata: dict
+
+
+def read_model_info(model_path: Path, input_scale: str | None = None,
+                    threshold: float | None = None) -> ModelInfo:
+    """Check the model file against its metadata and return what screening uses.
+
+    A model without metadata is accepted only when the caller supplies both
+    the input scaling and the threshold (a user's own model).
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelError(f"model file not found: {model_path}")
+    actual_sha = sha256_of(model_path)
+    meta_file = metadata_path(model_path)
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
+        expected = meta.get("sha256")
+        if expected != actual_sha:
+            raise ModelError(
+                f"model file {model_path.name} does not match its metadata "
+                f"(sha256 {actual_sha[:12]}..., metadata says {str(expected)[:12]}...): "
+                "the threshold in the metadata belongs to another model"
+            )
+        if meta.get("class_names", CLASS_NAMES) != CLASS_NAMES:
+            raise ModelError(f"model classes {meta.get('class_names')} are not {CLASS_NAMES}")
+    elif input_scale is None or threshold is None:
+        raise ModelError(
+            f"no metadata file {meta_file.name} beside the model: give --input-scale "
+            "and --threshold for a model without metadata"
+        )
+    else:
+        meta = {}
+    scale = input_scale or meta.get("preprocessing", {}).get("input_scale", "raw")
+    if scale not in INPUT_SCALES:
+        raise ModelError(f"unknown input scale {scale!r}; expected one of {INPUT_SCALES}")
+    if threshold is not None:
+        chosen, source = float(threshold), "command line"
+    else:
+        stored = meta.get("threshold", {})
+        if "value" not in stored:
+            raise ModelError(f"metadata {meta_file.name} holds no threshold; run calibrate or give --threshold")
+        chosen, source = float(stored["value"]), stored.get("method", "model metadata")
+    return ModelInfo(
+        path=model_path,
+        sha256=actual_sha,
+        threshold=chosen,
+        threshold_source=source,
+        input_size=int(meta.get("preprocessing", {}).get("input_size", INPUT_SIZE)),
+        input_scale=scale,
+        metadata=meta,
+    )
+
+
+def build_model(input_size: int | None = INPUT_SIZE, init: str = "random",
+                imagenet_weights: Path | None = None, seed: int = 0):
+    """DenseNet-121 backbone with the seed head, taking RGB values in 0..255.
+
+    Scaling (x/255, then ImageNet mean/std as the Keras DenseNet expects) is
+    part of the graph, so training, evaluation and screening cannot disagree
+    about it.  ``input_size=None`` builds a resolution-free model for
+    progressive-resizing training.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    shape = (input_size, input_size, 3)
+    if init == "imagenet":
+        if imagenet_weights is None or not Path(imagenet_weights).is_file():
+            raise ModelError("--init imagenet needs --imagenet-weights pointing to the "
+                             "Keras DenseNet-121 no-top weight file")
+        weights = str(imagenet_weights)
+    elif init == "random":
+        weights = None
+    else:
+        raise ValueError(f"init must be 'random' or 'imagenet', not {init!r}")
+    inputs = keras.Input(shape=shape, name="image")
+    x = keras.layers.Rescaling(1.0 / 255, name="to_unit")(inputs)
+    x = keras.layers.Normalization(mean=list(IMAGENET_MEAN),
+                                   variance=[s * s for s in IMAGENET_STD], name="imagenet_norm")(x)
+    backbone = keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=shape)
+    x = backbone(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = keras.layers.Dropout(0.3, name="head_dropout1")(x)
+    x = keras.layers.Dense(512, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(0.2, name="head_dropout2")(x)
+    outputs = keras.layers.Dense(len(CLASS_NAMES), activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="densenet121_pneumonia")
+
+
+def backbone_of(model):
+    return model.get_layer("densenet121")
+
+
+def load_keras_model(model_path: Path):
+    """Load a .keras or .h5 classifier with Keras safe mode on (no Lambda code runs)."""
+    import keras
+
+    try:
+        model = keras.models.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a bad file
+        raise ModelError(f"cannot load model {model_path}: {exc}") from exc
+    shape = tuple(model.output_shape)
+    if shape[-1] != len(CLASS_NAMES):
+        raise ModelError(f"model {model_path} outputs {shape}; expected {len(CLASS_NAMES)} classes")
+    return model

@@ -1,0 +1,39 @@
+"""From a decoded grey image to the model's input, identical for training data,
+evaluation and screening.
+
+The Kermany training images were made with ``Image.open(p).convert("RGB").resize((224, 224))``:
+Pillow's antialiased bicubic resize, aspect ratio squashed.  Screening inputs
+go through the same resize so the model sees the distribution it learnt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+def to_model_input(grey: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
+    """An 8-bit grey image -> (size, size, 3) uint8 with three equal channels."""
+    if grey.mode != "L":
+        grey = grey.convert("L")
+    if grey.size != (size, size):
+        grey = grey.resize((size, size), RESAMPLE)
+    plane = np.asarray(grey, dtype=np.uint8)
+    return np.repeat(plane[:, :, None], 3, axis=2)
+
+
+def scale_batch(batch: np.ndarray, input_scale: str) -> np.ndarray:
+    """uint8 RGB batch -> float32 in the range the model expects."""
+    x = batch.astype(np.float32)
+    if input_scale == "raw":
+        return x
+    x /= 255.0
+    if input_scale == "unit":
+        return x
+    if input_scale == "imagenet":
+        return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    raise ValueError(f"unknown input scale {input_scale!r}")

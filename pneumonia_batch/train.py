@@ -1,0 +1,327 @@
+"""Training: a resumable, progressive-resizing run of the DenseNet-121 classifier.
+
+DenseNet-121 is fully convolutional with global pooling, so one set of weights
+trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:1e-4``
+(size:epochs:learning-rate) spends most epochs at low resolution, where a CPU
+is fast, and always ends at the screening resolution (224), where the
+checkpoint is chosen.  Every epoch leaves a checkpoint and a progress file in
+the run folder, so ``--resume`` continues after a crash or a kill.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__
+from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
+from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
+                    metadata_path, sha256_of, write_json_atomic)
+
+# The seed recipe's fine-tuning cut: with ImageNet weights the first 100
+# backbone layers stay frozen after the head has been trained.
+UNFREEZE_FROM_LAYER = 100
+
+
+@dataclass(frozen=True)
+class Phase:
+    size: int
+    epochs: int
+    learning_rate: float
+    frozen_backbone: bool = False
+
+
+def parse_schedule(text: str) -> list[Phase]:
+    """``"96:4:1e-3,224:1:1e-4"`` -> phases.  The last phase must run at 224."""
+    phases = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        if len(fields) not in (2, 3):
+            raise ValueError(f"schedule entry {part!r} is not size:epochs[:lr]")
+        size, epochs = int(fields[0]), int(fields[1])
+        lr = float(fields[2]) if len(fields) == 3 else 1e-3
+        if size < 32 or epochs < 1 or lr <= 0:
+            raise ValueError(f"schedule entry {part!r} out of range")
+        phases.append(Phase(size, epochs, lr))
+    if not phases:
+        raise ValueError("empty schedule")
+    return phases
+
+
+def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
+                  augment: bool, seed: int):
+    """tf.data: decode to 224x224 RGB, optionally augment, resize to ``size``, batch."""
+    import tensorflow as tf
+
+    paths = tf.constant([str(i.path) for i in items])
+    labels = tf.constant([i.label for i in items], dtype=tf.int32)
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.cond(
+            tf.reduce_all(tf.shape(image)[:2] == INPUT_SIZE),
+            lambda: image,
+            lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+                image, (INPUT_SIZE, INPUT_SIZE), method="bicubic", antialias=True)), 0, 255), tf.uint8),
+        )
+        image.set_shape((INPUT_SIZE, INPUT_SIZE, 3))
+        return image, label
+
+    def finish(image, label):
+        image = tf.cast(image, tf.float32)
+        if augment:
+            image = random_affine_and_tone(image)
+        if size != INPUT_SIZE:
+            image = tf.image.resize(image, (size, size), antialias=True)
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if augment:
+        ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
+    return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+
+
+def random_affine_and_tone(image):
+    """Small rotation, shift and zoom, brightness and contrast; never a flip.
+
+    Augmenting here rather than with Keras layers inside the model keeps the
+    network graph free of random ops (and so compilable with XLA).
+    """
+    import tensorflow as tf
+
+    angle = tf.random.uniform((), -10.0, 10.0) * math.pi / 180
+    zoom = tf.random.uniform((), 0.9, 1.1)
+    shift = tf.random.uniform((2,), -0.08, 0.08) * INPUT_SIZE
+    c = (INPUT_SIZE - 1) / 2.0
+    a0, a1 = tf.cos(angle) / zoom, -tf.sin(angle) / zoom
+    b0, b1 = tf.sin(angle) / zoom, tf.cos(angle) / zoom
+    a2 = c - a0 * c - a1 * c + shift[0]
+    b2 = c - b0 * c - b1 * c + shift[1]
+    transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None, :]
+    image = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=tf.constant([INPUT_SIZE, INPUT_SIZE]),
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    contrast = tf.random.uniform((), 0.85, 1.15)
+    brightness = tf.random.uniform((), -20.0, 20.0)
+    mean = tf.reduce_mean(image)
+    return tf.clip_by_value((image - mean) * contrast + mean + brightness, 0.0, 255.0)
+
+
+def class_weights(items: list[LabelledImage]) -> dict[int, float]:
+    """Weights that make both classes count equally in the loss."""
+    counts = [sum(1 for i in items if i.label == k) for k in range(len(CLASS_NAMES))]
+    total = sum(counts)
+    return {k: total / (len(counts) * n) for k, n in enumerate(counts) if n}
+
+
+def _pneumonia_auc(keras):
+    class PneumoniaAUC(keras.metrics.AUC):
+        """ROC-AUC of the pneumonia column against integer labels."""
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(y_true, y_pred[:, PNEUMONIA_INDEX], sample_weight)
+
+    return PneumoniaAUC(name="auc")
+
+
+def _set_trainable(model, phase: Phase, init: str) -> None:
+    backbone = backbone_of(model)
+    if phase.frozen_backbone:
+        backbone.trainable = False
+        return
+    backbone.trainable = True
+    if init == "imagenet":
+        for layer in backbone.layers[:UNFREEZE_FROM_LAYER]:
+            layer.trainable = False
+
+
+class _RunFolder:
+    """Checkpoints and progress of one training run (kept out of git)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.last = self.root / "last.weights.h5"
+        self.best = self.root / "best.weights.h5"
+        self.progress = self.root / "progress.json"
+
+    def load_progress(self) -> dict:
+        if self.progress.is_file():
+            return json.loads(self.progress.read_text())
+        return {"completed_epochs": 0, "history": [], "best_val_auc": None}
+
+    def save_progress(self, progress: dict) -> None:
+        write_json_atomic(self.progress, progress)
+
+
+def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "random",
+          imagenet_weights: Path | None = None, frozen_epochs: int = 2, batch_size: int = 16,
+          val_fraction: float = 0.1, seed: int = 0, run_dir: Path | None = None,
+          resume: bool = False, patience: int = 3, limit: int | None = None,
+          target_sensitivity: float = 0.97, log=print) -> dict:
+    """Train, keep the best 224-px checkpoint, save it with metadata and calibrate it."""
+    import keras
+
+    from .evaluate import calibrate_model
+
+    if schedule[-1].size != INPUT_SIZE:
+        raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
+    if init == "imagenet" and frozen_epochs > 0:
+        schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = _RunFolder(run_dir or Path("runs") / out.stem)
+    progress = run.load_progress() if resume else {"completed_epochs": 0, "history": [], "best_val_auc": None}
+
+    train_dir = resolve_split(data_dir, "train")
+    train_items, val_items = split_by_patient(list_labelled(train_dir), val_fraction, seed)
+    if limit:  # tiny runs for tests and smoke checks
+        train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)
+    weights = class_weights(train_items)
+    log(f"training on {len(train_items)} images, validating on {len(val_items)} "
+        f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
+
+    model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
+    if resume and run.last.is_file():
+        model.load_weights(run.last)
+        log(f"resumed from {run.last} after epoch {progress['completed_epochs']}")
+
+    epoch_start = 0
+    for index, phase in enumerate(schedule):
+        epoch_end = epoch_start + phase.epochs
+        is_final_phase = index == len(schedule) - 1
+        if progress["completed_epochs"] >= epoch_end:
+            epoch_start = epoch_end
+            continue
+        _set_trainable(model, phase, init)
+        model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
+                      loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy", _pneumonia_auc(keras)])
+        train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
+                                 seed=seed + epoch_start)
+        val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
+        callbacks = [
+            keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-6),
+            _ProgressCallback(run, progress, phase, log),
+        ]
+        if is_final_phase:
+            callbacks.append(keras.callbacks.ModelCheckpoint(
+                run.best, monitor="val_auc", mode="max", save_best_only=True, save_weights_only=True,
+                initial_value_threshold=progress["best_val_auc"]))
+        log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
+            f"{max(epoch_start, progress['completed_epochs']) + 1}-{epoch_end}, lr {phase.learning_rate:g}"
+            + (", backbone frozen" if phase.frozen_backbone else ""))
+        model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
+                  initial_epoch=max(epoch_start, progress["completed_epochs"]), epochs=epoch_end,
+                  callbacks=callbacks)
+        epoch_start = epoch_end
+
+    final = build_model(INPUT_SIZE, init="random", seed=seed)
+    final.load_weights(run.best if run.best.is_file() else run.last)
+    final.save(out)
+    history_csv, curves_png = _write_history(out, progress["history"])
+    metadata = {
+        "model": out.name,
+        "sha256": sha256_of(out),
+        "architecture": "DenseNet-121 backbone; head GAP, BatchNorm, Dropout 0.3, Dense 512 ReLU, "
+                        "Dropout 0.2, Dense 2 softmax",
+        "class_names": CLASS_NAMES,
+        "pneumonia_index": PNEUMONIA_INDEX,
+        "preprocessing": {
+            "input_size": INPUT_SIZE,
+            "input_scale": "raw",
+            "description": "grey image to 3 equal RGB channels, resized to 224x224 with Pillow's "
+                           "antialiased bicubic resize (aspect squashed, as the Kermany 224 px files "
+                           "were made), values 0..255; the model divides by 255 and applies ImageNet "
+                           "mean/std itself",
+        },
+        "training": {
+            "data": str(train_dir),
+            "n_train": len(train_items),
+            "n_validation": len(val_items),
+            "validation_split": f"{val_fraction:g} of each class's patients held out from the train "
+                                f"split (patient token from the file name), seed {seed}",
+            "validation_fraction": val_fraction,
+            "seed": seed,
+            "init": init,
+            "schedule": [asdict(p) for p in schedule],
+            "batch_size": batch_size,
+            "class_weights": {CLASS_NAMES[k]: round(v, 4) for k, v in weights.items()},
+            "augmentation": "rotation +-10 deg, shift +-8 %, zoom 0.9-1.1, contrast 0.85-1.15, "
+                            "brightness +-20/255; no flips",
+            "epochs_run": progress["completed_epochs"],
+            "checkpoint": "best validation ROC-AUC at 224 px" if run.best.is_file() else "last epoch",
+            "history_csv": history_csv.name,
+            "curves_png": curves_png.name,
+            "limit_per_class": limit,
+        },
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "environment": {"python": platform.python_version(), "keras": keras.__version__},
+    }
+    write_json_atomic(metadata_path(out), metadata)
+    return calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
+
+
+def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:
+    taken = []
+    for label in range(len(CLASS_NAMES)):
+        taken += [i for i in items if i.label == label][:n]
+    return taken
+
+
+def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, log):
+    """A Keras callback saving the last weights and the history after every epoch."""
+    import keras
+
+    class ProgressCallback(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            row = {"epoch": epoch + 1, "size": phase.size,
+                   "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
+            row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+            self.model.save_weights(run.last)
+            progress["history"].append(row)
+            progress["completed_epochs"] = epoch + 1
+            if phase.size == INPUT_SIZE and row.get("val_auc") is not None:
+                best = progress["best_val_auc"]
+                if best is None or row["val_auc"] > best:
+                    progress["best_val_auc"] = row["val_auc"]
+            run.save_progress(progress)
+
+    return ProgressCallback()
+
+
+def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:
+    """history CSV and a loss/accuracy/AUC curve PNG next to the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = out.with_suffix(".history.csv")
+    png_path = out.with_suffix(".curves.png")
+    fields = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    epochs = [r["epoch"] for r in history]
+    for ax, key in zip(axes, ("loss", "accuracy", "auc")):
+        ax.plot(epochs, [r.get(key) for r in history], marker="o", label="train")
+        ax.plot(epochs, [r.get(f"val_{key}") for r in history], marker="o", label="validation")
+        ax.set_title(key)
+        ax.set_xlabel("epoch (resolution in the history CSV)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return csv_path, png_path
