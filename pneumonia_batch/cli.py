@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .model import DEFAULT_MODEL
+from .model import DEFAULT_MODEL, INPUT_SCALES
+
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
+
+SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
+
+\b
+DIRECTORY is walked recursively.  DICOM files (recognised by content, with
+or without preamble) are grouped into studies by StudyInstanceUID; PNG and
+JPEG files by the top-level folder they sit in (a loose file is its own
+study).  Each study gets one report row with the highest pneumonia
+probability of its images, flagged when it reaches the threshold.
+
+\b
+A screening aid trained on paediatric chest X-rays from one centre: it
+prioritises studies for a radiologist and is not a diagnosis.
+
+\b
+Examples:
+  python screen.py ./studies --out report.csv
+  python screen.py ./studies --out report.json --threshold 0.5 --no-progress
+
+\b
+Exit codes:
+  0  every file was read and every eligible study scored
+  1  the run completed but some files could not be read (rows with status error)
+  2  usage error
+  3  another run holds the lock on the state database
+  4  fatal: model missing or invalid, output not writable
+"""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,5 +131,76 @@ def evaluate(data_dir, model_path, split, out_dir):
     click.echo(f"written to {out_dir}/", err=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+
+
+@click.command(help=SCREEN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Report file; .csv or .json.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]),
+              help="Report format (default: from the --out extension).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_MODEL, show_default=True,
+              help="Keras model (.keras/.h5) with its metadata .json beside it.")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="Flag studies at or above this probability (default: the model's calibrated threshold).")
+@click.option("--input-scale", type=click.Choice(INPUT_SCALES),
+              help="Pixel scaling for a model without metadata: raw 0..255, unit 0..1, imagenet mean/std.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Decode processes (default: one per core not used by inference, at least 1).")
+@click.option("--runtime", type=click.Choice(["auto", "keras"]), default="auto", show_default=True,
+              help="Inference runtime.")
+@click.option("--header-filter/--no-header-filter", default=True, show_default=True,
+              help="Skip DICOM instances whose headers say they are not frontal chest radiographs.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no summary line.")
+@click.version_option(__version__, prog_name="pneumonia-screen")
+def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
+           header_filter, progress, verbose, quiet):
+    from .model import ModelError, read_model_info
+    from .pipeline import default_workers
+    from .screening import ScreenOptions, screen as run_screen
+
+    started = time.perf_counter()
+    fmt = fmt or {".csv": "csv", ".json": "json"}.get(out.suffix.lower())
+    if fmt is None:
+        raise click.BadParameter("cannot tell the format from the extension; use .csv, .json or --format",
+                                 param_hint="--out")
+    if not out.parent.is_dir():
+        _fatal(f"output folder {out.parent} does not exist")
+    try:
+        info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
+    except ModelError as exc:
+        _fatal(str(exc))
+    say = (lambda m: click.echo(m, err=True)) if verbose and not quiet else (lambda m: None)
+    say(f"model {info.path.name} sha256 {info.sha256[:12]}, threshold {info.threshold:g} ({info.threshold_source})")
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    options = ScreenOptions(directory=directory, out=out, fmt=fmt, model=info, batch_size=batch_size,
+                            workers=workers or default_workers(), runtime=runtime,
+                            header_filter=header_filter)
+    try:
+        summary = run_screen(options, progress=_bar if show_bar and not quiet else None, log=say)
+    except ModelError as exc:
+        _fatal(str(exc))
+    except OSError as exc:
+        _fatal(f"cannot write the report: {exc}")
+    if not quiet:
+        click.echo(summary.line(), err=True)
+    sys.exit(summary.exit_code)
+
+
+def _bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def _fatal(message: str):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_FATAL)
+
+
+main.add_command(screen)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .dataset import LabelledImage
-from .model import CLASS_NAMES, metadata_path, read_model_info, write_json_atomic
+from .model import CLASS_NAMES, metadata_path, read_model_info
 
 
 def confusion_matrix(labels: np.ndarray, flagged: np.ndarray) -> np.ndarray:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+# TensorFlow's C++ start-up chatter is not for screening users; real errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .model import PNEUMONIA_INDEX, load_keras_model
 from .preprocess import scale_batch
@@ -22,3 +26,10 @@ class KerasRunner:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         probabilities = self.model(scale_batch(batch, self.input_scale), training=False)
         return np.asarray(probabilities)[:, PNEUMONIA_INDEX].astype(np.float64)
+
+
+def make_runner(info, runtime: str, batch_size: int):
+    """The runtime for this machine ('auto'), or the one asked for."""
+    if runtime in ("auto", "keras"):
+        return KerasRunner(info.path, info.input_scale)
+    raise ValueError(f"unknown runtime {runtime!r}")

@@ -37,3 +37,18 @@ def scale_batch(batch: np.ndarray, input_scale: str) -> np.ndarray:
     if input_scale == "imagenet":
         return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     raise ValueError(f"unknown input scale {input_scale!r}")
+
+
+def grey_to_image(grey: np.ndarray) -> Image.Image:
+    """Presentation grey in [0, 1] -> 8-bit image, as an 8-bit export would store it."""
+    return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")
+
+
+def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE) -> tuple[np.ndarray, str]:
+    """Decode one file and return (model input, note).  Runs in decode workers."""
+    from . import dicom, images
+
+    if kind == "dicom":
+        grey, note = dicom.decode_grey(path)
+        return to_model_input(grey_to_image(grey), size), note
+    return to_model_input(images.read_grey(path), size), ""

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
-                    metadata_path, sha256_of, write_json_atomic)
+                    metadata_path, sha256_of)
 
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.

@@ -1,0 +1,200 @@
+"""DICOM: header-only eligibility and the grey pixel pipeline of PS3.3/PS3.4.
+
+Pixel order, as the standard defines it: stored values -> Modality LUT
+(rescale or LUT sequence, C.11.1) -> VOI LUT (window or LUT sequence,
+C.11.2) -> presentation (MONOCHROME1 inverted *after* VOI, C.7.6.3.1.2).
+The result is scaled to 8 bits from the range that step actually produces,
+never from the dtype's maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         UID)
+
+# Image SOP classes a chest radiograph arrives as (PS3.4 B.5).
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SOP_CLASSES = {CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE,
+               "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+               "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+CHEST_MODALITIES = {"CR", "DX"}
+# BodyPartExamined is free text in practice; these are the chest spellings seen in archives.
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "TORAX", "THORAX_CHEST", "LUNG", "LUNGS", "PORT CHEST",
+                    "CHEST_PA", "CHEST PA", "CHEST AP", "TORACE", "BRUSTKORB", "POITRINE", "PECHO"}
+FRONTAL_VIEWS = {"PA", "AP"}
+HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined",
+               "ViewPosition", "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames",
+               "PhotometricInterpretation", "Rows", "Columns"]
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+    patient_id: str
+    accession_number: str
+    study_date: str
+    transfer_syntax_uid: str
+    number_of_frames: int
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the transfer syntax may have thrown information away."""
+        uid = UID(self.transfer_syntax_uid) if self.transfer_syntax_uid else None
+        return bool(uid and uid.is_compressed and not uid.is_lossless)
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip() if value is not None else ""
+
+
+def read_dataset(path: Path, stop_before_pixels: bool):
+    """Read a DICOM file, with or without preamble / file meta.
+
+    Files written without a file meta header have no transfer syntax; pydicom
+    reads them by guessing the encoding, and decoding their pixels needs that
+    guess recorded as the transfer syntax.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        if ds.original_encoding[0] is None:  # nothing was parsed
+            raise InvalidDicomError("no DICOM elements found")
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def read_header(path: Path) -> DicomHeader:
+    """The identifying and eligibility tags, without touching pixel data."""
+    ds = read_dataset(path, stop_before_pixels=True)
+    if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID")):
+        raise InvalidDicomError("no DICOM identifying elements")
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
+    return DicomHeader(
+        sop_class_uid=sop_class,
+        sop_instance_uid=_text(ds, "SOPInstanceUID") or _text(ds.file_meta, "MediaStorageSOPInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        modality=_text(ds, "Modality").upper(),
+        body_part=_text(ds, "BodyPartExamined").upper(),
+        view_position=_text(ds, "ViewPosition").upper(),
+        patient_id=_text(ds, "PatientID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        number_of_frames=frames,
+    )
+
+
+def skip_reason(header: DicomHeader) -> str | None:
+    """Why a DICOM instance is not a frontal chest radiograph, or None if it may be one.
+
+    A missing BodyPartExamined or ViewPosition is common in archives and is not a
+    reason to skip; a value that contradicts a frontal chest view is.
+    """
+    if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
+        return "dicomdir"
+    if header.sop_class_uid not in SOP_CLASSES:
+        return "not_an_image_sop_class"
+    if header.modality not in CHEST_MODALITIES:
+        return f"modality_{header.modality.lower() or 'missing'}"
+    if header.body_part and header.body_part not in CHEST_BODY_PARTS:
+        return "not_chest"
+    if header.view_position and header.view_position not in FRONTAL_VIEWS:
+        return "not_frontal_view"
+    return None
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI window to [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:
+        raise ValueError(f"window width {width} < 1 is invalid for LINEAR")
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _first(value) -> float:
+    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+
+
+def to_grey(ds, frame: np.ndarray) -> np.ndarray:
+    """Stored values of one frame -> presentation values in [0, 1], float32."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float32)
+        return _luminance(rgb) / float(rgb.max() or 1)
+    if frame.ndim == 3:  # RGB / YBR: pydicom has already converted YBR to RGB
+        return _luminance(frame.astype(np.float32)) / float(2 ** int(ds.BitsStored) - 1)
+
+    values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
+    if "VOILUTSequence" in ds:
+        item = ds.VOILUTSequence[0]
+        voi = pydicom.pixels.apply_voi(values, ds, index=0).astype(np.float32, copy=False)
+        bits = int(item.LUTDescriptor[2])
+        grey = voi / float(2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+        grey = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    else:
+        low, high = float(values.min()), float(values.max())
+        grey = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or inverse:
+        grey = 1.0 - grey
+    return np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def check_pixel_data_length(ds) -> None:
+    """Uncompressed pixel data shorter than its header promises is truncated."""
+    uid = ds.file_meta.TransferSyntaxUID
+    if "PixelData" not in ds:
+        raise ValueError("no pixel data")
+    if not uid.is_compressed:
+        expected = pydicom.pixels.utils.get_expected_length(ds)
+        actual = len(ds.PixelData)
+        if actual < expected:
+            raise ValueError(f"pixel data truncated: {actual} of {expected} bytes")
+
+
+def decode_grey(path: Path) -> tuple[np.ndarray, str]:
+    """Decode the (first) frame of a DICOM image to presentation grey in [0, 1].
+
+    Returns the image and a note (non-empty when only the first of several
+    frames was used).
+    """
+    ds = read_dataset(path, stop_before_pixels=False)
+    check_pixel_data_length(ds)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame = pydicom.pixels.pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    note = f"first of {frames} frames" if frames > 1 else ""
+    return to_grey(ds, frame), note

@@ -1,0 +1,204 @@
+"""Walk a studies folder, identify every file, decide eligibility, group studies.
+
+Every regular file under the folder becomes exactly one ``InputFile`` with a
+kind and, when it will not be scored, a status and reason.  Nothing is
+dropped except operating-system litter (``.DS_Store``, ``Thumbs.db``...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.errors import InvalidDicomError
+
+from . import dicom, images
+
+IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
+
+
+@dataclass
+class InputFile:
+    """One file found under the studies folder and what became of it."""
+
+    rel: str  # POSIX path relative to the studies folder
+    path: Path
+    size: int = 0
+    mtime: float = 0.0
+    kind: str = "other"  # dicom, png, jpeg, other
+    header: dicom.DicomHeader | None = None
+    status: str = "pending"  # pending, scored, skipped, error, deferred
+    reason: str = ""
+    probability: float | None = None
+    note: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind in ("dicom", "png", "jpeg")
+
+    def finish(self, status: str, reason: str = "") -> None:
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Study:
+    key: str  # DICOM StudyInstanceUID, or the folder / file a PNG or JPEG study is
+    study_id: str
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    files: list[InputFile] = field(default_factory=list)
+
+    @property
+    def scored(self) -> list[InputFile]:
+        return [f for f in self.files if f.status == "scored"]
+
+    @property
+    def probability(self) -> float | None:
+        """The study's pneumonia probability: the highest of its scored images."""
+        scores = [f.probability for f in self.scored]
+        return max(scores) if scores else None
+
+    @property
+    def status(self) -> str:
+        if any(f.status == "deferred" for f in self.files):
+            return "deferred"
+        if self.scored:
+            return "scored"
+        if any(f.status == "error" for f in self.files):
+            return "error"
+        return "skipped"
+
+    @property
+    def reason(self) -> str:
+        """Why files of the study were not scored, e.g. ``not_frontal_view (1); error: ... (1)``."""
+        counts: dict[str, int] = {}
+        for f in self.files:
+            if f.status in ("skipped", "error", "deferred"):
+                label = f.reason if f.status == "skipped" else f"{f.status}: {f.reason}"
+                counts[label] = counts.get(label, 0) + 1
+        return "; ".join(f"{label} ({n})" for label, n in counts.items())
+
+
+def walk(root: Path) -> list[InputFile]:
+    """Every file under ``root``, sorted; symlinks are never followed out of it."""
+    root = Path(root)
+    real_root = root.resolve()
+    found: list[InputFile] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in dirnames:
+            if (base / name).is_symlink():  # os.walk lists but does not enter these
+                item = InputFile(rel=(base / name).relative_to(root).as_posix(), path=base / name)
+                item.finish("skipped", "symlinked_folder_not_followed")
+                found.append(item)
+        for name in sorted(filenames):
+            if name in IGNORED_NAMES:
+                continue
+            path = base / name
+            item = InputFile(rel=path.relative_to(root).as_posix(), path=path)
+            found.append(item)
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    item.finish("error", "broken_or_looping_symlink")
+                    continue
+                if not target.is_relative_to(real_root):
+                    item.finish("skipped", "symlink_outside_folder")
+                    continue
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                item.finish("error", f"cannot stat: {exc.strerror}")
+                continue
+            item.size, item.mtime = stat.st_size, stat.st_mtime
+    for dirpath in _unreadable_dirs(root):
+        item = InputFile(rel=Path(dirpath).relative_to(root).as_posix(), path=Path(dirpath))
+        item.finish("error", "folder not readable")
+        found.append(item)
+    return found
+
+
+def _unreadable_dirs(root: Path) -> list[str]:
+    bad = []
+    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full) and not os.access(full, os.R_OK | os.X_OK):
+                bad.append(full)
+    return bad
+
+
+def identify(item: InputFile, header_filter: bool = True) -> None:
+    """Set kind, header and, for files that will not be scored, status and reason."""
+    if item.status != "pending":
+        return
+    if item.size == 0:
+        item.finish("error", "empty file")
+        return
+    try:
+        with open(item.path, "rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        item.finish("error", f"cannot read: {exc.strerror}")
+        return
+    kind = images.image_kind(head)
+    if kind:
+        item.kind = kind
+        return
+    try:
+        item.header = dicom.read_header(item.path)
+    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+            OSError, OverflowError, NotImplementedError) as exc:
+        if head[128:132] == b"DICM":
+            item.kind = "dicom"
+            item.finish("error", f"unreadable DICOM header: {exc}")
+        else:
+            item.finish("skipped", "not_an_image")
+        return
+    item.kind = "dicom"
+    reason = dicom.skip_reason(item.header)
+    if reason and (header_filter or reason in ("dicomdir", "not_an_image_sop_class")):
+        item.finish("skipped", reason)
+
+
+def group_studies(files: list[InputFile]) -> list[Study]:
+    """DICOM by StudyInstanceUID anywhere in the tree; other files by top-level folder.
+
+    The same SOPInstanceUID received twice (say a lossless and a lossy copy)
+    is scored once: the lossless copy is kept, the other is skipped.
+    """
+    studies: dict[str, Study] = {}
+    kept_instances: dict[str, InputFile] = {}
+    for item in files:
+        header = item.header
+        if header and header.study_instance_uid:
+            key = f"dicom:{header.study_instance_uid}"
+            study = studies.setdefault(key, Study(key, header.study_instance_uid))
+            study.patient_id = study.patient_id or header.patient_id
+            study.accession_number = study.accession_number or header.accession_number
+            study.study_date = study.study_date or header.study_date
+            if item.status == "pending" and header.sop_instance_uid:
+                _keep_one_copy(item, kept_instances)
+        else:
+            top = item.rel.split("/", 1)[0]
+            key = f"path:{top}"
+            study = studies.setdefault(key, Study(key, top))
+        study.files.append(item)
+    return sorted(studies.values(), key=lambda s: s.study_id)
+
+
+def _keep_one_copy(item: InputFile, kept: dict[str, InputFile]) -> None:
+    uid = item.header.sop_instance_uid
+    other = kept.get(uid)
+    if other is None:
+        kept[uid] = item
+        return
+    if other.header.lossy and not item.header.lossy:
+        other.finish("skipped", f"duplicate_instance_of {item.rel}")
+        kept[uid] = item
+    else:
+        item.finish("skipped", f"duplicate_instance_of {other.rel}")

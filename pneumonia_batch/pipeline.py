@@ -1,0 +1,111 @@
+"""Decode workers -> fixed-size batches -> inference.
+
+Decoding (pydicom, codecs, Pillow) runs in separate processes, so it really
+runs in parallel with inference instead of queueing behind the GIL; at most a
+few batches are in flight, so memory stays flat whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .discover import InputFile
+from .preprocess import model_input_from_file
+
+
+def default_workers() -> int:
+    """One decode process per core not needed by inference, and at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _decode(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
+    """Worker: (model input, note, error message)."""
+    try:
+        array, note = model_input_from_file(path, kind)
+        return array, note, ""
+    except MemoryError:
+        return None, "", "out of memory while decoding"
+    except Exception as exc:  # any codec or parser failure becomes the file's error row
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, "", f"{type(exc).__name__}: {message}"[:300]
+
+
+def decoded(files: list[InputFile], workers: int) -> Iterator[tuple[InputFile, np.ndarray | None]]:
+    """Yield (file, model input or None) in order; failures are recorded on the file."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
+    window = max(4, workers * 8)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        queue: deque = deque()
+        todo = iter(files)
+        for item in todo:
+            queue.append((item, pool.submit(_decode, str(item.path), item.kind)))
+            if len(queue) >= window:
+                break
+        while queue:
+            item, future = queue.popleft()
+            try:
+                array, note, error = future.result()
+            except BrokenProcessPool:
+                array, note, error = None, "", "decoder process crashed"
+            item.note = note
+            if error:
+                item.finish("error", error)
+            yield item, array
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(_decode, str(nxt.path), nxt.kind)))
+
+
+def batches(stream: Iterable[tuple[InputFile, np.ndarray | None]],
+            batch_size: int) -> Iterator[tuple[list[InputFile], np.ndarray]]:
+    """Group decoded images into batches of ``batch_size`` (the last may be shorter)."""
+    items, arrays = [], []
+    for item, array in stream:
+        if array is None:
+            continue
+        items.append(item)
+        arrays.append(array)
+        if len(items) == batch_size:
+            yield items, np.stack(arrays)
+            items, arrays = [], []
+    if items:
+        yield items, np.stack(arrays)
+
+
+def score(files: list[InputFile], make_runner: Callable, batch_size: int, workers: int,
+          on_batch: Callable[[list[InputFile]], None] | None = None,
+          on_file: Callable[[InputFile], None] | None = None) -> None:
+    """Score every pending image file in place: status 'scored' with a probability, or 'error'.
+
+    ``make_runner`` is called only when there is something to score, so a run
+    with nothing new never loads a model.  ``on_batch`` sees each scored batch
+    as soon as it is done (to commit it); ``on_file`` sees every file that
+    left the pipeline, scored or not (for progress).
+    """
+    pending = [f for f in files if f.status == "pending"]
+    if not pending:
+        return
+    runner = make_runner()
+
+    def reported(stream):
+        for item, array in stream:
+            if array is None and on_file:
+                on_file(item)
+            yield item, array
+
+    for items, batch in batches(reported(decoded(pending, workers)), batch_size):
+        probabilities = runner.predict(batch)
+        for item, probability in zip(items, probabilities):
+            item.probability = float(probability)
+            item.finish("scored")
+            if on_file:
+                on_file(item)
+        if on_batch:
+            on_batch(items)
