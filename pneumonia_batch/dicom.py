@@ -155,7 +155,9 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
     if "VOILUTSequence" in ds:
         item = ds.VOILUTSequence[0]
-        voi = pydicom.pixels.apply_voi(values, ds, index=0).astype(np.float32, copy=False)
+        # A LUT is indexed by integers: round the modality output rather than let floats truncate.
+        indices = np.rint(values).astype(np.int64)
+        voi = pydicom.pixels.apply_voi(indices, ds, index=0).astype(np.float32, copy=False)
         bits = int(item.LUTDescriptor[2])
         grey = voi / float(2 ** bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:

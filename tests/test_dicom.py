@@ -1,0 +1,233 @@
+"""The DICOM grey pipeline and header eligibility, on fixtures built from a real radiograph."""
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000, JPEG2000Lossless,
+                         JPEGLSLossless, RLELossless)
+
+from pneumonia_batch import dicom
+from pneumonia_batch.preprocess import grey_to_image, model_input_from_file, to_model_input
+from tests.dicom_factory import (chest_pixels, make_dataset, save, save_jpeg_baseline,
+                                 save_without_meta)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return chest_pixels()
+
+
+def grey_of(path):
+    return dicom.decode_grey(path)[0]
+
+
+def test_monochrome1_is_inverted_after_voi(tmp_path, pixels):
+    window = dict(WindowCenter=1800, WindowWidth=3000)
+    mono2 = grey_of(save(make_dataset(pixels, **window), tmp_path / "m2.dcm"))
+    mono1 = grey_of(save(make_dataset(pixels, photometric="MONOCHROME1", **window), tmp_path / "m1.dcm"))
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+    # The contrast is not flat: the window spreads the chest over most of the range.
+    assert mono2.std() > 0.1
+
+
+def test_monochrome1_twin_gives_the_same_model_input(tmp_path, pixels):
+    twin = (4095 - pixels).astype(np.uint16)
+    a = save(make_dataset(pixels), tmp_path / "m2.dcm")
+    b = save(make_dataset(twin, photometric="MONOCHROME1"), tmp_path / "m1.dcm")
+    np.testing.assert_array_equal(model_input_from_file(str(a), "dicom")[0],
+                                  model_input_from_file(str(b), "dicom")[0])
+
+
+def test_linear_window_follows_the_standard(tmp_path):
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    grey = grey_of(save(make_dataset(ramp, WindowCenter=1000, WindowWidth=501), tmp_path / "w.dcm"))
+    flat = grey.ravel()
+    # PS3.3 C.11.2.1.2.1: x <= c - 0.5 - (w-1)/2 -> min, x > c - 0.5 + (w-1)/2 -> max.
+    assert flat[749] == 0.0 and flat[750] > 0.0
+    assert flat[1249] < 1.0 and flat[1250] == 1.0
+    assert flat[1000] == pytest.approx((1000 - 999.5) / 500 + 0.5)
+
+
+def test_sigmoid_and_linear_exact_functions(tmp_path):
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    sigmoid = grey_of(save(make_dataset(ramp, WindowCenter=2000, WindowWidth=400,
+                                        VOILUTFunction="SIGMOID"), tmp_path / "s.dcm")).ravel()
+    assert sigmoid[2000] == pytest.approx(0.5)
+    assert sigmoid[2100] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    exact = grey_of(save(make_dataset(ramp, WindowCenter=2000, WindowWidth=400,
+                                      VOILUTFunction="LINEAR_EXACT"), tmp_path / "e.dcm")).ravel()
+    assert exact[2100] == pytest.approx(0.75)
+
+
+def test_first_of_several_windows_is_used(tmp_path, pixels):
+    several = grey_of(save(make_dataset(pixels, WindowCenter=[1500, 3000], WindowWidth=[2000, 100]),
+                           tmp_path / "a.dcm"))
+    first = grey_of(save(make_dataset(pixels, WindowCenter=1500, WindowWidth=2000), tmp_path / "b.dcm"))
+    np.testing.assert_array_equal(several, first)
+
+
+def test_rescale_is_applied_before_the_window(tmp_path, pixels):
+    rescaled = make_dataset(pixels, RescaleSlope=2, RescaleIntercept=-1000,
+                            WindowCenter=2 * 1800 - 1000, WindowWidth=2 * 3000)
+    direct = make_dataset((2 * pixels.astype(np.int32) - 1000).astype(np.int16), bits_stored=16,
+                          signed=True, WindowCenter=2 * 1800 - 1000, WindowWidth=2 * 3000)
+    np.testing.assert_allclose(grey_of(save(rescaled, tmp_path / "r.dcm")),
+                               grey_of(save(direct, tmp_path / "d.dcm")), atol=1e-6)
+
+
+def test_modality_lut_sequence_equals_its_rescale(tmp_path, pixels):
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = np.arange(0, 8192, 2, dtype="<u2").tobytes()
+    with_lut = make_dataset(pixels, ModalityLUTSequence=[item], WindowCenter=3600, WindowWidth=6000)
+    with_rescale = make_dataset(pixels, RescaleSlope=2, RescaleIntercept=0,
+                                WindowCenter=3600, WindowWidth=6000)
+    np.testing.assert_allclose(grey_of(save(with_lut, tmp_path / "l.dcm")),
+                               grey_of(save(with_rescale, tmp_path / "r.dcm")), atol=1e-6)
+
+
+def test_voi_lut_sequence_is_scaled_by_its_output_bits(tmp_path, pixels):
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = (4095 - np.arange(4096)).astype("<u2").tobytes()  # reverses contrast
+    grey = grey_of(save(make_dataset(pixels, VOILUTSequence=[item]), tmp_path / "v.dcm"))
+    np.testing.assert_allclose(grey, (4095 - pixels) / 4095.0, atol=1e-6)
+
+
+def test_no_voi_scales_by_the_actual_range_not_the_dtype(tmp_path, pixels):
+    narrow = (pixels // 4).astype(np.uint16)  # a 10-bit image in 16-bit storage
+    grey = grey_of(save(make_dataset(narrow, bits_stored=16), tmp_path / "n.dcm"))
+    assert grey.min() == 0.0 and grey.max() == 1.0
+
+
+def test_signed_pixels(tmp_path, pixels):
+    signed = (pixels.astype(np.int32) - 2048).astype(np.int16)
+    a = grey_of(save(make_dataset(signed, bits_stored=16, signed=True), tmp_path / "s.dcm"))
+    b = grey_of(save(make_dataset(pixels), tmp_path / "u.dcm"))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
+def test_lossless_syntaxes_decode_to_identical_pixels(tmp_path, pixels, syntax):
+    reference = grey_of(save(make_dataset(pixels), tmp_path / "ref.dcm"))
+    compressed = save(make_dataset(pixels), tmp_path / "c.dcm", syntax=syntax)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(grey_of(compressed), reference)
+
+
+def test_deflated_syntax(tmp_path, pixels):
+    ds = make_dataset(pixels)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = save(ds, tmp_path / "dfl.dcm")
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_deflated
+    np.testing.assert_array_equal(grey_of(path), grey_of(save(make_dataset(pixels), tmp_path / "r.dcm")))
+
+
+def test_lossy_syntaxes_agree_within_tolerance(tmp_path, pixels):
+    window = dict(WindowCenter=2048, WindowWidth=4096)
+    reference = grey_of(save(make_dataset(pixels, **window), tmp_path / "ref.dcm"))
+    j2k = grey_of(save(make_dataset(pixels, **window), tmp_path / "j2k.dcm", syntax=JPEG2000, j2k_cr=[20]))
+    assert np.abs(j2k - reference).mean() < 0.01
+    eight = (pixels // 16).astype(np.uint8)
+    window = dict(WindowCenter=128, WindowWidth=256)
+    ref8 = grey_of(save(make_dataset(eight, bits_stored=8, **window), tmp_path / "r8.dcm"))
+    jpeg = grey_of(save_jpeg_baseline(make_dataset(eight, bits_stored=8, **window), tmp_path / "jpg.dcm"))
+    assert np.abs(jpeg - ref8).mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+def test_pydicom_reference_encodings_agree(name):
+    np.testing.assert_array_equal(grey_of(get_testdata_file(name)),
+                                  grey_of(get_testdata_file("MR_small.dcm")))
+
+
+def test_jpeg_lossless_process14_decodes():
+    grey = grey_of(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    rle = grey_of(get_testdata_file("SC_rgb_rle.dcm"))
+    np.testing.assert_allclose(grey, rle, atol=1e-6)
+
+
+def test_file_without_preamble_or_meta(tmp_path, pixels):
+    bare = save_without_meta(make_dataset(pixels), tmp_path / "bare")
+    assert open(bare, "rb").read(132)[128:132] != b"DICM"
+    header = dicom.read_header(bare)
+    assert header.modality == "DX" and header.transfer_syntax_uid == "1.2.840.10008.1.2"
+    np.testing.assert_array_equal(grey_of(bare), grey_of(save(make_dataset(pixels), tmp_path / "r.dcm")))
+
+
+def test_multiframe_uses_the_first_frame(tmp_path, pixels):
+    frames = np.stack([pixels, 4095 - pixels, pixels // 2])
+    grey, note = dicom.decode_grey(save(make_dataset(frames), tmp_path / "mf.dcm"))
+    np.testing.assert_array_equal(grey, grey_of(save(make_dataset(pixels), tmp_path / "one.dcm")))
+    assert note == "first of 3 frames"
+
+
+def test_rgb_secondary_capture_becomes_grey(tmp_path, pixels):
+    eight = (pixels // 16).astype(np.uint8)
+    rgb = np.repeat(eight[:, :, None], 3, axis=2)
+    colour = make_dataset(rgb, photometric="RGB", bits_stored=8, sop_class=dicom.SECONDARY_CAPTURE)
+    grey = grey_of(save(colour, tmp_path / "rgb.dcm"))
+    np.testing.assert_allclose(grey, eight / 255.0, atol=1e-5)
+
+
+def test_truncated_pixel_data_is_refused(tmp_path, pixels):
+    path = save(make_dataset(pixels), tmp_path / "t.dcm")
+    data = path.read_bytes()
+    path.write_bytes(data[:-5000])
+    with pytest.raises(ValueError, match="truncated"):
+        dicom.decode_grey(path)
+
+
+def test_codec_failure_raises():
+    with pytest.raises(Exception, match="plugins"):
+        dicom.decode_grey(get_testdata_file("JPEG-lossy.dcm"))
+
+
+def test_model_input_is_three_equal_channels_at_224(tmp_path, pixels):
+    array, _ = model_input_from_file(str(save(make_dataset(pixels), tmp_path / "x.dcm")), "dicom")
+    assert array.shape == (224, 224, 3) and array.dtype == np.uint8
+    assert (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all()
+    assert array.max() > 200 and array.min() < 50
+
+
+def test_resize_matches_the_training_images():
+    """Training files were made with Image.open(p).convert('RGB').resize((224, 224))."""
+    from PIL import Image
+
+    from tests.dicom_factory import EXAMPLES
+
+    source = EXAMPLES / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
+    expected = np.asarray(Image.open(source).convert("RGB").resize((224, 224)))
+    from pneumonia_batch.images import read_grey
+
+    np.testing.assert_array_equal(to_model_input(read_grey(source)), expected)
+    assert grey_to_image(np.ones((2, 2), np.float32)).getpixel((0, 0)) == 255
+
+
+HEADER_CASES = [
+    (dict(), None),
+    (dict(body_part="", view=""), None),
+    (dict(body_part="THORAX"), None),
+    (dict(view="LL"), "not_frontal_view"),
+    (dict(view="LATERAL"), "not_frontal_view"),
+    (dict(body_part="ABDOMEN"), "not_chest"),
+    (dict(modality="CT"), "modality_ct"),
+    (dict(modality="DX", sop_class=dicom.SECONDARY_CAPTURE), None),
+    (dict(modality="OT", sop_class=dicom.SECONDARY_CAPTURE), "modality_ot"),
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.88.11"), "not_an_image_sop_class"),
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.11.1"), "not_an_image_sop_class"),  # presentation state
+]
+
+
+@pytest.mark.parametrize("fields,reason", HEADER_CASES)
+def test_header_eligibility(tmp_path, fields, reason):
+    path = save(make_dataset(np.zeros((8, 8), np.uint16), **fields), tmp_path / "h.dcm")
+    assert dicom.skip_reason(dicom.read_header(path)) == reason
+
+
+def test_structured_report_from_pydicom_is_skipped():
+    header = dicom.read_header(get_testdata_file("reportsi.dcm"))
+    assert dicom.skip_reason(header) == "not_an_image_sop_class"
