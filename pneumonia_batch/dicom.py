@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         UID)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Image SOP classes a chest radiograph arrives as (PS3.4 B.5).
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -32,6 +31,10 @@ CHEST_MODALITIES = {"CR", "DX"}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "TORAX", "THORAX_CHEST", "LUNG", "LUNGS", "PORT CHEST",
                     "CHEST_PA", "CHEST PA", "CHEST AP", "TORACE", "BRUSTKORB", "POITRINE", "PECHO"}
 FRONTAL_VIEWS = {"PA", "AP"}
+# Transfer syntaxes that may be lossy: JPEG baseline/extended, JPEG-LS near-lossless,
+# JPEG 2000 and HTJ2K (either mode).
+LOSSY_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                  "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
 HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined",
                "ViewPosition", "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames",
                "PhotometricInterpretation", "Rows", "Columns"]
@@ -51,11 +54,12 @@ class DicomHeader:
     transfer_syntax_uid: str
     number_of_frames: int
 
+    lossy_compression: bool = False
+
     @property
     def lossy(self) -> bool:
-        """Whether the transfer syntax may have thrown information away."""
-        uid = UID(self.transfer_syntax_uid) if self.transfer_syntax_uid else None
-        return bool(uid and uid.is_compressed and not uid.is_lossless)
+        """Whether this copy may have lost information (C.7.6.1.1.5, or a lossy syntax)."""
+        return self.lossy_compression or self.transfer_syntax_uid in LOSSY_SYNTAXES
 
 
 def _text(ds, keyword: str) -> str:
@@ -106,6 +110,7 @@ def read_header(path: Path) -> DicomHeader:
         study_date=_text(ds, "StudyDate"),
         transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
         number_of_frames=frames,
+        lossy_compression=_text(ds, "LossyImageCompression") == "01",
     )
 
 

@@ -1,0 +1,103 @@
+"""Walking a studies folder: every file accounted for, studies grouped, copies scored once."""
+
+import os
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000, generate_uid
+
+from pneumonia_batch import discover
+from tests.dicom_factory import make_dataset, save
+
+PIXELS = np.full((16, 16), 100, np.uint16)
+
+
+def found(root, header_filter=True):
+    files = discover.walk(root)
+    for item in files:
+        discover.identify(item, header_filter=header_filter)
+    return {f.rel: f for f in files}
+
+
+def test_every_file_is_identified_or_explained(tmp_path):
+    (tmp_path / "a").mkdir()
+    save(make_dataset(PIXELS), tmp_path / "a" / "no_extension")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)
+    files = found(tmp_path)
+    assert set(files) == {"a/no_extension", "notes.txt", "empty.dcm", "fake.dcm"}
+    assert files["a/no_extension"].kind == "dicom" and files["a/no_extension"].status == "pending"
+    assert (files["notes.txt"].status, files["notes.txt"].reason) == ("skipped", "not_an_image")
+    assert (files["empty.dcm"].status, files["empty.dcm"].reason) == ("error", "empty file")
+    assert files["fake.dcm"].status == "error" and "DICOM header" in files["fake.dcm"].reason
+
+
+def test_symlinks_never_lead_outside_and_loops_do_not_hang(tmp_path):
+    root = tmp_path / "studies"
+    root.mkdir()
+    outside = tmp_path / "outside.dcm"
+    save(make_dataset(PIXELS), outside)
+    os.symlink(outside, root / "link_out.dcm")
+    os.symlink(root / "loop_b", root / "loop_a")
+    os.symlink(root / "loop_a", root / "loop_b")
+    os.symlink(tmp_path, root / "parent_folder")
+    files = found(root)
+    assert files["link_out.dcm"].reason == "symlink_outside_folder"
+    assert files["loop_a"].status == "error" and files["loop_b"].status == "error"
+    assert files["parent_folder"].reason == "symlinked_folder_not_followed"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file_is_an_error_row(tmp_path):
+    path = save(make_dataset(PIXELS), tmp_path / "x.dcm")
+    path.chmod(0)
+    assert found(tmp_path)["x.dcm"].status == "error"
+
+
+def test_studies_group_by_uid_across_folders_and_by_folder_for_images(tmp_path):
+    uid = generate_uid()
+    for folder in ("day1", "day2"):
+        (tmp_path / folder).mkdir()
+        save(make_dataset(PIXELS, study_uid=uid), tmp_path / folder / "img.dcm")
+    (tmp_path / "kid").mkdir()
+    for name in ("1.png", "2.png"):
+        (tmp_path / "kid" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    (tmp_path / "loose.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 10)
+    studies = discover.group_studies(list(found(tmp_path).values()))
+    by_id = {s.study_id: sorted(f.rel for f in s.files) for s in studies}
+    assert by_id == {uid: ["day1/img.dcm", "day2/img.dcm"], "kid": ["kid/1.png", "kid/2.png"],
+                     "loose.jpg": ["loose.jpg"]}
+
+
+def test_same_instance_twice_keeps_the_lossless_copy(tmp_path):
+    sop, study = generate_uid(), generate_uid()
+    pixels = np.random.default_rng(0).integers(0, 4095, (64, 64)).astype(np.uint16)
+    save(make_dataset(pixels, sop_uid=sop, study_uid=study), tmp_path / "b_lossless.dcm")
+    save(make_dataset(pixels, sop_uid=sop, study_uid=study), tmp_path / "a_lossy.dcm",
+         syntax=JPEG2000, j2k_cr=[10], generate_instance_uid=False)
+    files = found(tmp_path)
+    discover.group_studies(list(files.values()))
+    assert files["b_lossless.dcm"].status == "pending"
+    assert files["a_lossy.dcm"].reason == "duplicate_instance_of b_lossless.dcm"
+
+
+def test_header_filter_can_be_turned_off_but_not_for_non_images(tmp_path):
+    save(make_dataset(PIXELS, view="LL"), tmp_path / "lateral.dcm")
+    save(make_dataset(PIXELS, sop_class="1.2.840.10008.5.1.4.1.1.88.11"), tmp_path / "sr.dcm")
+    assert found(tmp_path)["lateral.dcm"].reason == "not_frontal_view"
+    unfiltered = found(tmp_path, header_filter=False)
+    assert unfiltered["lateral.dcm"].status == "pending"
+    assert unfiltered["sr.dcm"].reason == "not_an_image_sop_class"
+
+
+def test_study_probability_is_the_maximum_of_its_images():
+    study = discover.Study("k", "k")
+    for rel, p, status in [("a", 0.2, "scored"), ("b", 0.7, "scored"), ("c", None, "error")]:
+        item = discover.InputFile(rel=rel, path=None, kind="png")
+        item.probability, item.status, item.reason = p, status, "boom" if status == "error" else ""
+        study.files.append(item)
+    assert study.probability == 0.7
+    assert study.status == "scored"
+    assert study.reason == "error: boom (1)"

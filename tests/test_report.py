@@ -1,0 +1,63 @@
+"""The report: one row per study, safe for spreadsheets, written atomically."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from pneumonia_batch import report
+from pneumonia_batch.discover import InputFile, Study
+
+
+def study(study_id, patient_id, probabilities):
+    s = Study(study_id, study_id, patient_id=patient_id)
+    for n, p in enumerate(probabilities):
+        item = InputFile(rel=f"{study_id}/{n}.png", path=None, kind="png")
+        item.status, item.probability = ("scored", p) if p is not None else ("error", None)
+        item.reason = "" if p is not None else "broken"
+        s.files.append(item)
+    return s
+
+
+def test_csv_rows_flags_and_formula_neutralising():
+    studies = [study("s1", "=HYPERLINK(\"http://x\")", [0.2, 0.9]), study("s2", "@SUM(1)", [0.1]),
+               study("s3", "-5", [None])]
+    records = [report.study_record(s, 0.5, "abc", "run1") for s in studies]
+    rows = list(csv.DictReader(io.StringIO(report.render_csv(records))))
+    assert [r["study_id"] for r in rows] == ["s1", "s2", "s3"]
+    assert list(rows[0]) == report.COLUMNS
+    assert rows[0]["patient_id"] == "'=HYPERLINK(\"http://x\")"
+    assert rows[1]["patient_id"] == "'@SUM(1)" and rows[2]["patient_id"] == "'-5"
+    assert (rows[0]["probability"], rows[0]["flagged"], rows[0]["n_scored"]) == ("0.900000", "true", "2")
+    assert (rows[1]["flagged"], rows[2]["probability"], rows[2]["status"]) == ("false", "", "error")
+    assert rows[0]["files"] == "s1/0.png;s1/1.png"
+
+
+def test_threshold_is_inclusive():
+    assert report.is_flagged(study("s", "", [0.5]), 0.5)
+    assert not report.is_flagged(study("s", "", [0.4999]), 0.5)
+
+
+def test_json_has_run_and_per_image_entries():
+    summary = report.RunSummary(run_id="r", threshold=0.5)
+    studies = [study("s1", "p", [0.2, 0.9])]
+    summary.count(studies)
+    doc = json.loads(report.render_json([report.study_record(studies[0], 0.5, "abc", "r")], summary))
+    assert doc["run"]["counts"]["flagged"] == 1
+    assert doc["studies"][0]["files"] == ["s1/0.png", "s1/1.png"]
+    assert [i["probability"] for i in doc["studies"][0]["images"]] == [0.2, 0.9]
+
+
+def test_failed_write_leaves_the_old_report_untouched(tmp_path, monkeypatch):
+    target = tmp_path / "report.csv"
+    target.write_text("previous report\n")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.os if hasattr(report, "os") else __import__("os"), "fsync", full_disk)
+    with pytest.raises(OSError):
+        report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    assert target.read_text() == "previous report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
