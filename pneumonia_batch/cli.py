@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -56,7 +55,8 @@ def main() -> None:
 @click.option("--init", type=click.Choice(["random", "imagenet"]), default="random", show_default=True,
               help="Backbone start: from scratch, or ImageNet weights from --imagenet-weights.")
 @click.option("--imagenet-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Keras DenseNet-121 no-top ImageNet weight file (densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
+              help="Keras DenseNet-121 no-top ImageNet weight file "
+                   "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
 @click.option("--frozen-epochs", default=2, show_default=True,
               help="With --init imagenet: epochs training the head on a frozen backbone first.")
 @click.option("--batch-size", default=16, show_default=True)
@@ -114,6 +114,16 @@ def calibrate(data_dir, model_path, target_sensitivity):
 
 
 @main.command()
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_MODEL, show_default=True)
+def convert(model_path):
+    """Convert the model to TFLite (beside it, pinned in its metadata) for fast CPU screening."""
+    from .inference import convert_to_tflite
+
+    click.echo(f"written {convert_to_tflite(model_path)}", err=True)
+
+
+@main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_MODEL, show_default=True)
@@ -149,40 +159,64 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64),
               help="Decode processes (default: one per core not used by inference, at least 1).")
-@click.option("--runtime", type=click.Choice(["auto", "keras"]), default="auto", show_default=True,
-              help="Inference runtime.")
+@click.option("--runtime", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+              show_default=True,
+              help="Inference runtime: auto takes keras (XLA) on a GPU, else the model's TFLite "
+                   "conversion when it has one, else keras.")
 @click.option("--header-filter/--no-header-filter", default=True, show_default=True,
               help="Skip DICOM instances whose headers say they are not frontal chest radiographs.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="SQLite state for incremental runs: unchanged images already screened with this "
+                   "model and threshold are not scored again.  Also locks out concurrent runs (exit 3).")
+@click.option("--include-previous", is_flag=True,
+              help="With --state: also report studies screened by earlier runs.")
+@click.option("--min-age", type=click.FloatRange(0), default=0, show_default=True,
+              help="Defer studies with a file modified less than this many seconds ago (still arriving).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append a JSON-lines audit log: one line per file outcome and per run start/end.")
+@click.option("--export-flagged", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for radiologist review: flagged studies' files, Grad-CAM overlays, "
+                   "worklist.csv and an offline index.html.  Studies are only ever added.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no summary line.")
 @click.version_option(__version__, prog_name="pneumonia-screen")
 def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
-           header_filter, progress, verbose, quiet):
+           header_filter, state_path, include_previous, min_age, log_file, export_dir, progress,
+           verbose, quiet):
     from .model import ModelError, read_model_info
     from .pipeline import default_workers
     from .screening import ScreenOptions, screen as run_screen
+    from .state import LockHeld
 
-    started = time.perf_counter()
     fmt = fmt or {".csv": "csv", ".json": "json"}.get(out.suffix.lower())
     if fmt is None:
         raise click.BadParameter("cannot tell the format from the extension; use .csv, .json or --format",
                                  param_hint="--out")
-    if not out.parent.is_dir():
-        _fatal(f"output folder {out.parent} does not exist")
+    if include_previous and not state_path:
+        raise click.UsageError("--include-previous needs --state")
+    for option, path in (("--out", out), ("--state", state_path), ("--log-file", log_file)):
+        if path is not None and not path.parent.is_dir():
+            _fatal(f"{option}: folder {path.parent} does not exist")
     try:
         info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
     except ModelError as exc:
         _fatal(str(exc))
     say = (lambda m: click.echo(m, err=True)) if verbose and not quiet else (lambda m: None)
-    say(f"model {info.path.name} sha256 {info.sha256[:12]}, threshold {info.threshold:g} ({info.threshold_source})")
+    say(f"model {info.path.name} sha256 {info.sha256[:12]}, "
+        f"threshold {info.threshold:g} ({info.threshold_source})")
     show_bar = sys.stderr.isatty() if progress is None else progress
     options = ScreenOptions(directory=directory, out=out, fmt=fmt, model=info, batch_size=batch_size,
                             workers=workers or default_workers(), runtime=runtime,
-                            header_filter=header_filter)
+                            header_filter=header_filter, state=state_path,
+                            include_previous=include_previous, min_age=min_age, log_file=log_file,
+                            export_dir=export_dir)
     try:
         summary = run_screen(options, progress=_bar if show_bar and not quiet else None, log=say)
+    except LockHeld as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
     except ModelError as exc:
         _fatal(str(exc))
     except OSError as exc:

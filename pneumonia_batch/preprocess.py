@@ -52,3 +52,12 @@ def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE) -> tuple
         grey, note = dicom.decode_grey(path)
         return to_model_input(grey_to_image(grey), size), note
     return to_model_input(images.read_grey(path), size), ""
+
+
+def display_image(path, kind: str, max_side: int = 512) -> Image.Image:
+    """The grey image at its own aspect ratio, at most ``max_side`` pixels, for review pages."""
+    from . import dicom, images
+
+    grey = grey_to_image(dicom.decode_grey(path)[0]) if kind == "dicom" else images.read_grey(path)
+    grey.thumbnail((max_side, max_side), RESAMPLE)
+    return grey

@@ -76,6 +76,7 @@ def study_record(study: Study, threshold: float | None, model_sha256: str, run_i
     probability = study.probability
     return {
         "study_id": study.study_id,
+        "study_key": study.key,
         "patient_id": study.patient_id,
         "accession_number": study.accession_number,
         "study_date": study.study_date,

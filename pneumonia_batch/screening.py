@@ -1,16 +1,17 @@
-"""One screening run: discover -> score -> report."""
+"""One screening run: discover -> (state) -> score -> report -> (state, audit log, export)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import discover
-from .inference import make_runner
 from .model import ModelInfo
 from .pipeline import score
 from .report import RunSummary, study_record, write_report
@@ -26,45 +27,149 @@ class ScreenOptions:
     workers: int = 1
     runtime: str = "auto"
     header_filter: bool = True
+    state: Path | None = None
+    include_previous: bool = False
+    min_age: float = 0.0
+    log_file: Path | None = None
+    export_dir: Path | None = None
 
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
+class AuditLog:
+    """JSON lines, one per event, flushed as written.  Never pixel data."""
+
+    def __init__(self, path: Path | None, run_id: str):
+        self.handle = open(path, "a", encoding="utf-8") if path else None
+        self.run_id = run_id
+
+    def event(self, kind: str, **fields) -> None:
+        if self.handle:
+            line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                    "event": kind, "run_id": self.run_id, **fields}
+            self.handle.write(json.dumps(line) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
 def screen(options: ScreenOptions, progress: Callable | None = None,
            log: Callable[[str], None] = lambda m: None) -> RunSummary:
+    """Screen the folder and write the report; raises state.LockHeld if another run is active."""
+    from .state import State, StateLock
+
     started = time.perf_counter()
     info = options.model
     summary = RunSummary(run_id=new_run_id(), model=str(info.path), model_sha256=info.sha256,
                          threshold=info.threshold, threshold_source=info.threshold_source)
-    files = discover.walk(options.directory)
-    for item in files:
-        discover.identify(item, header_filter=options.header_filter)
-    studies = discover.group_studies(files)
-    summary.timings["discover_s"] = round(time.perf_counter() - started, 3)
-    pending = [f for f in files if f.status == "pending"]
-    log(f"{len(files)} files, {len(studies)} studies, {len(pending)} images to score")
+    with ExitStack() as stack:
+        state = None
+        if options.state:
+            stack.enter_context(StateLock(options.state))
+            state = State(options.state, options.directory)
+            stack.callback(state.close)
+        audit = AuditLog(options.log_file, summary.run_id)
+        stack.callback(audit.close)
+        audit.event("run_start", directory=str(options.directory), model=str(info.path),
+                    model_sha256=info.sha256, threshold=info.threshold)
 
-    def runner():
-        loading = time.perf_counter()
-        instance = make_runner(info, options.runtime, options.batch_size)
-        summary.runtime = instance.name
-        summary.timings["model_load_s"] = round(time.perf_counter() - loading, 3)
-        return instance
+        files = discover.walk(options.directory)
+        known = state.known_images(info.sha256, info.threshold) if state else {}
+        restored = set()
+        for item in files:
+            row = known.get(item.rel)
+            if row and item.status == "pending" and state.restore(item, row):
+                restored.add(item.rel)
+            else:
+                discover.identify(item, header_filter=options.header_filter)
+        studies = discover.group_studies(files)
+        reported = state.reported_keys() if state else set()
+        this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
+        _defer_arriving(this_run, options.min_age)
+        for study in this_run:
+            if any(f.rel not in restored for f in study.files):
+                _rescore_whole(study, restored)
+        summary.timings["discover_s"] = round(time.perf_counter() - started, 3)
+        work = [f for s in this_run for f in s.files]
+        log(f"{len(files)} files, {len(studies)} studies, {len(this_run)} to report, "
+            f"{sum(f.status == 'pending' for f in work)} images to score")
 
-    scoring = time.perf_counter()
-    ticker = progress(len(pending)) if progress else None
-    try:
-        score(files, runner, options.batch_size, options.workers,
-              on_file=(lambda _: ticker.update(1)) if ticker else None)
-    finally:
-        if ticker:
-            ticker.close()
-    summary.timings["scoring_s"] = round(time.perf_counter() - scoring, 3)
+        study_of = {f.rel: s for s in studies for f in s.files}
 
-    records = [study_record(s, info.threshold, info.sha256, summary.run_id) for s in studies]
-    summary.count(studies)
-    summary.timings["total_s"] = round(time.perf_counter() - started, 3)
-    write_report(options.out, options.fmt, records, summary)
+        def commit(batch):
+            if state:
+                state.save_images(batch, study_of, info.sha256, info.threshold, summary.run_id)
+
+        def runner():
+            from .inference import make_runner
+
+            loading = time.perf_counter()
+            instance = make_runner(info, options.runtime, options.batch_size)
+            summary.runtime = instance.name
+            summary.timings["model_load_s"] = round(time.perf_counter() - loading, 3)
+            return instance
+
+        scoring = time.perf_counter()
+        pending = sum(f.status == "pending" for f in work)
+        ticker = progress(pending) if progress and pending else None
+        try:
+            score(work, runner, options.batch_size, options.workers, on_batch=commit,
+                  on_file=(lambda _: ticker.update(1)) if ticker else None)
+        finally:
+            if ticker:
+                ticker.close()
+        summary.timings["scoring_s"] = round(time.perf_counter() - scoring, 3)
+
+        commit([f for f in work if f.status != "scored"])  # skips and errors are outcomes too
+        records = [study_record(s, info.threshold, info.sha256, summary.run_id) for s in this_run]
+        for study in this_run:
+            for item in study.files:
+                audit.event("file", file=item.rel, study_id=study.study_id, status=item.status,
+                            reason=item.reason, probability=item.probability)
+        previous = state.previous_studies({s.key for s in this_run}) if state else []
+        summary.count(this_run, previous=len(previous))
+        report_records = records + (previous if options.include_previous else [])
+        if options.export_dir:
+            from .export import export_flagged
+
+            exporting = time.perf_counter()
+            summary.counts["exported"] = export_flagged(options.export_dir, this_run, records, info)
+            summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)
+        summary.timings["total_s"] = round(time.perf_counter() - started, 3)
+        write_report(options.out, options.fmt, report_records, summary)
+        if state:
+            state.save_studies(records, info.sha256, info.threshold)
+            state.record_run(summary.run_id, summary.counts)
+        audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
+                    exit_code=summary.exit_code)
     return summary
+
+
+def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:
+    """New or changed files, or results a killed run scored but never reported."""
+    return any(f.rel not in restored for f in study.files) or study.key not in reported
+
+
+def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
+    """A study with a file younger than ``min_age`` seconds is still being copied in."""
+    if min_age <= 0:
+        return
+    cutoff = time.time() - min_age
+    for study in studies:
+        if any(f.mtime > cutoff for f in study.files):
+            for item in study.files:
+                if item.status in ("pending", "scored"):
+                    item.finish("deferred", f"modified less than {min_age:g} s ago")
+                    item.probability = None
+
+
+def _rescore_whole(study: discover.Study, restored: set[str]) -> None:
+    """A study that gained or changed images is scored again as a whole."""
+    for item in study.files:
+        if item.rel in restored and item.status == "scored":
+            item.finish("pending")
+            item.probability = None

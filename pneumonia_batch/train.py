@@ -165,8 +165,11 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
           imagenet_weights: Path | None = None, frozen_epochs: int = 2, batch_size: int = 16,
           val_fraction: float = 0.1, seed: int = 0, run_dir: Path | None = None,
           resume: bool = False, patience: int = 3, limit: int | None = None,
-          target_sensitivity: float = 0.97, log=print) -> dict:
-    """Train, keep the best 224-px checkpoint, save it with metadata and calibrate it."""
+          target_sensitivity: float = 0.97, log=print):
+    """Train, keep the best 224-px checkpoint, save it with metadata and calibrate it.
+
+    Returns the saved model (in memory) and its metadata.
+    """
     import keras
 
     from .evaluate import calibrate_model
@@ -268,7 +271,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         "environment": {"python": platform.python_version(), "keras": keras.__version__},
     }
     write_json_atomic(metadata_path(out), metadata)
-    return calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
+    return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
 
 
 def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:

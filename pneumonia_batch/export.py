@@ -1,0 +1,186 @@
+"""Export of flagged studies for radiologist review.
+
+Each flagged study gets a folder with its original files (hard links where
+possible), a Grad-CAM overlay per scored image and ``result.json``.  The
+top-level ``worklist.csv`` and ``index.html`` are rebuilt from every study
+folder present, so a study once exported stays listed: later runs only add.
+Folder and file names come from identifiers that may contain anything, so
+they are reduced to safe characters and suffixed with a hash of the study
+key: unique, stable across runs, and always inside the export folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .atomic import write_atomic, write_json_atomic
+from .discover import Study
+from .model import ModelInfo
+from .report import safe_cell
+
+RESULT_FILE = "result.json"
+RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                          *(f"LPT{i}" for i in range(1, 10))}
+WORKLIST_COLUMNS = ["study_id", "patient_id", "accession_number", "study_date", "probability",
+                    "threshold", "folder"]
+
+
+def safe_name(text: str, fallback: str, limit: int = 40) -> str:
+    """Letters, digits, '.', '-' and '_' only; no leading dots; not a Windows device name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:limit].rstrip("._-")
+    if not cleaned:
+        cleaned = fallback
+    if cleaned.split(".")[0].upper() in RESERVED_WINDOWS_NAMES:
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def study_folder_name(record: dict) -> str:
+    digest = hashlib.sha256(record["study_key"].encode()).hexdigest()[:10]
+    return "_".join([safe_name(record["patient_id"], "no-patient-id"),
+                     safe_name(record["study_date"], "no-date"), digest])
+
+
+def _inside(root: Path, path: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"refusing to write outside the export folder: {path}")
+    return path
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo) -> int:
+    """Export this run's flagged studies and rebuild the worklist and page; returns how many."""
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]
+    model = None
+    for study, record in flagged:
+        folder = _inside(export_dir, export_dir / study_folder_name(record))
+        folder.mkdir(exist_ok=True)
+        images = []
+        scored = study.scored
+        if scored and model is None:
+            from .model import load_keras_model
+
+            model = load_keras_model(info.path)
+        for index, item in enumerate(study.files, start=1):
+            name = f"{index:02d}_{safe_name(Path(item.rel).name, 'file')}"
+            _link_or_copy(item.path, _inside(export_dir, folder / name))
+            entry = {"file": item.rel, "exported_as": name, "status": item.status,
+                     "probability": item.probability}
+            if item in scored:
+                overlay_name = f"overlay_{name}.png"
+                _write_overlay(model, info, item, folder / overlay_name)
+                entry["overlay"] = overlay_name
+            images.append(entry)
+        result = {key: record[key] for key in record if key != "images"}
+        result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
+                      export_version=1)
+        write_json_atomic(folder / RESULT_FILE, result)
+    rebuild_index(export_dir)
+    return len(flagged)
+
+
+def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
+    from .gradcam import heatmaps, overlay
+    from .preprocess import display_image, to_model_input
+
+    grey = display_image(item.path, item.kind)
+    cam = heatmaps(model, to_model_input(grey)[None], info.input_scale)[0]
+    picture = overlay(grey, cam)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_atomic(target, buffer.getvalue())
+
+
+def _load_results(export_dir: Path) -> list[dict]:
+    results = []
+    for result_file in sorted(export_dir.glob(f"*/{RESULT_FILE}")):
+        try:
+            result = json.loads(result_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("export_version") == 1:
+            results.append(result)
+    return sorted(results, key=lambda r: (-(r["probability"] or 0), r["folder"]))
+
+
+def rebuild_index(export_dir: Path) -> None:
+    results = _load_results(export_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=WORKLIST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        writer.writerow({k: safe_cell(result.get(k)) for k in WORKLIST_COLUMNS})
+    write_atomic(export_dir / "worklist.csv", buffer.getvalue())
+    write_atomic(export_dir / "index.html", render_html(export_dir, results))
+
+
+def _thumbnail(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((320, 320))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'">
+<title>Pneumonia screening: flagged studies</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #f4f4f4; color: #222; }}
+.card {{ background: #fff; border-radius: 6px; padding: 1rem; margin-bottom: 1rem; box-shadow: 0 1px 3px #0003; }}
+.card h2 {{ margin: 0 0 .4rem; font-size: 1.1rem; }}
+.ids {{ color: #555; font-size: .9rem; }}
+.prob {{ font-weight: bold; color: #a40000; }}
+.images img {{ margin: .4rem .4rem 0 0; border: 1px solid #ccc; max-width: 320px; }}
+.note {{ font-size: .85rem; color: #555; }}
+</style></head><body>
+<h1>Flagged studies ({count})</h1>
+<p class="note">A screening aid, not a diagnosis: the model was trained on paediatric frontal chest
+X-rays from one centre. Heatmaps (Grad-CAM) show where the model looked, not a finding.
+Highest probability first.</p>
+{cards}
+</body></html>
+"""
+
+
+def render_html(export_dir: Path, results: list[dict]) -> str:
+    cards = []
+    for r in results:
+        pictures = "".join(
+            f'<a href="{html.escape(r["folder"])}/{html.escape(i["overlay"])}">'
+            f'<img alt="{html.escape(i["file"])}" src="{_thumbnail(export_dir / r["folder"] / i["overlay"])}"></a>'
+            for i in r["images"] if i.get("overlay") and (export_dir / r["folder"] / i["overlay"]).is_file())
+        cards.append(
+            f'<div class="card" data-study="{html.escape(r["study_id"])}">'
+            f'<h2>{html.escape(r["study_id"])}</h2>'
+            f'<div class="ids">patient {html.escape(r["patient_id"] or "-")} &middot; accession '
+            f'{html.escape(r["accession_number"] or "-")} &middot; date {html.escape(r["study_date"] or "-")}</div>'
+            f'<div>probability <span class="prob">{r["probability"]:.3f}</span> (threshold '
+            f'{r["threshold"]:.3f}) &middot; {r["n_scored"]} image(s) scored &middot; '
+            f'folder <code>{html.escape(r["folder"])}</code></div>'
+            f'<div class="images">{pictures}</div></div>')
+    return PAGE.format(count=len(results), cards="\n".join(cards))
+

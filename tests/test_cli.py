@@ -1,0 +1,132 @@
+"""The screening command end to end, through the real CLI in a subprocess, with the shipped model."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
+
+ROOT = Path(__file__).resolve().parent.parent
+NORMAL_JPEG = EXAMPLES / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
+PNEUMONIA_JPEG = EXAMPLES / "paediatric-pneumonia" / "person1946_bacteria_4874.jpeg"
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "screen.py"), *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def all_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != ".DS_Store")
+
+
+def test_examples_report(tmp_path):
+    out = tmp_path / "report.csv"
+    result = run(EXAMPLES, "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = {r["study_id"]: r for r in rows(out)}
+    assert len(report) == 5
+    listed = sorted(f for r in report.values() for f in r["files"].split(";"))
+    assert listed == all_files(EXAMPLES)
+    assert report["paediatric-pneumonia"]["flagged"] == "true"
+    assert float(report["paediatric-pneumonia"]["probability"]) > float(report["paediatric-normal"]["probability"])
+    abdomen = next(r for r in report.values() if r["files"] == "dicom/ot-abdomen.dcm")
+    assert (abdomen["status"], abdomen["reason"], abdomen["probability"]) == ("skipped", "modality_ot (1)", "")
+    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
+    assert {r["threshold"] for r in report.values()} == {str(meta["threshold"]["value"])}
+    assert {r["model_sha256"] for r in report.values()} == {meta["sha256"]}
+    assert "4 studies scored" in result.stderr and "0 file errors" in result.stderr
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """Real studies mixed with everything an archive folder can hold."""
+    root = tmp_path / "studies"
+    (root / "kid").mkdir(parents=True)
+    shutil.copy(PNEUMONIA_JPEG, root / "kid" / "frontal.jpeg")
+    (root / "dicom" / "deep").mkdir(parents=True)
+    pixels = chest_pixels()
+    save(make_dataset(pixels, photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096,
+                      patient_id="=cmd|'/c calc'!A1"), root / "dicom" / "mono1.dcm")
+    save(make_dataset(pixels, view="LL"), root / "dicom" / "lateral.dcm")
+    save(make_dataset(pixels, body_part="KNEE"), root / "dicom" / "knee.dcm")
+    trunc = save(make_dataset(pixels), root / "dicom" / "deep" / "truncated.dcm")
+    trunc.write_bytes(trunc.read_bytes()[:-4000])
+    shutil.copy(get_testdata_file("reportsi.dcm"), root / "dicom" / "report_sr")
+    codec = make_dataset(np.zeros((4, 4), np.uint16), modality="DX")
+    lossy = __import__("pydicom").dcmread(get_testdata_file("JPEG-lossy.dcm"))
+    lossy.Modality, lossy.SOPClassUID = "DX", codec.SOPClassUID
+    lossy.save_as(root / "dicom" / "jpeg12bit.dcm")
+    (root / "empty.dcm").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    os.symlink(root / "loop2", root / "loop1")
+    os.symlink(root / "loop1", root / "loop2")
+    return root
+
+
+def test_messy_folder_gives_a_row_for_every_file_and_no_crash(messy, tmp_path):
+    out = tmp_path / "report.json"
+    result = run(messy, "--out", out)
+    assert result.returncode == 1, result.stderr  # some files could not be read
+    doc = json.loads(out.read_text())
+    listed = sorted(f for s in doc["studies"] for f in s["files"])
+    assert listed == all_files(messy)
+    images = {i["file"]: i for s in doc["studies"] for i in s["images"]}
+    assert images["kid/frontal.jpeg"]["status"] == "scored"
+    assert images["dicom/mono1.dcm"]["status"] == "scored"
+    assert images["dicom/lateral.dcm"]["reason"] == "not_frontal_view"
+    assert images["dicom/knee.dcm"]["reason"] == "not_chest"
+    assert images["dicom/report_sr"]["reason"] == "not_an_image_sop_class"
+    assert "truncated" in images["dicom/deep/truncated.dcm"]["reason"]
+    assert "plugins" in images["dicom/jpeg12bit.dcm"]["reason"]
+    assert images["empty.dcm"]["reason"] == "empty file"
+    assert images["notes.txt"]["reason"] == "not_an_image"
+    assert images["broken.png"]["status"] == "error"
+    assert doc["run"]["counts"]["file_errors"] == 6
+    assert "6 file errors" in result.stderr
+
+
+def test_csv_neutralises_formulas_from_headers(messy, tmp_path):
+    out = tmp_path / "report.csv"
+    run(messy, "--out", out)
+    patient_ids = {r["patient_id"] for r in rows(out)}
+    assert "'=cmd|'/c calc'!A1" in patient_ids
+
+
+def test_fatal_and_usage_exit_codes(tmp_path):
+    assert run(EXAMPLES, "--out", tmp_path / "r.csv", "--model", tmp_path / "none.keras").returncode == 4
+    model = tmp_path / "m.keras"
+    shutil.copy(ROOT / "weights" / "densenet121_pneumonia.keras", model)
+    shutil.copy(ROOT / "weights" / "densenet121_pneumonia.json", tmp_path / "m.json")
+    with open(model, "ab") as handle:
+        handle.write(b"x")
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--model", model)
+    assert result.returncode == 4 and "does not match its metadata" in result.stderr
+    assert run(EXAMPLES, "--out", tmp_path / "missing" / "r.csv").returncode == 4
+    assert run(EXAMPLES, "--out", tmp_path / "r.xlsx").returncode == 2
+    assert run(EXAMPLES, "--out", tmp_path / "r.csv", "--threshold", "2").returncode == 2
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_help_documents_exit_codes():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "Exit codes" in result.stdout and "another run holds the lock" in result.stdout

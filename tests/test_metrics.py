@@ -1,0 +1,48 @@
+"""Metrics and calibration against answers worked out by hand."""
+
+import numpy as np
+import pytest
+
+from pneumonia_batch.evaluate import (confusion_matrix, metrics_at, roc_auc,
+                                      threshold_for_sensitivity)
+
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+SCORES = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.7, 0.6, 0.3, 0.95, 0.5])
+
+
+def test_confusion_matrix_and_report_by_hand():
+    m = metrics_at(LABELS, SCORES, 0.5)
+    # normals: 0.1, 0.4, 0.35 below, 0.8 above -> TN 3, FP 1
+    # pneumonia: 0.9, 0.7, 0.6, 0.95, 0.5 at/above, 0.3 below -> TP 5, FN 1
+    assert m["confusion_matrix"] == [[3, 1], [1, 5]]
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["sensitivity"] == pytest.approx(5 / 6)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["classification_report"]["PNEUMONIA"]["precision"] == pytest.approx(5 / 6)
+    assert m["classification_report"]["NORMAL"]["f1"] == pytest.approx(0.75)
+
+
+def test_roc_auc_counts_ordered_pairs():
+    # 6 x 4 = 24 (pneumonia, normal) pairs against normals 0.1, 0.35, 0.4, 0.8:
+    # 0.95 and 0.9 beat 4 each, 0.7, 0.6 and 0.5 beat 3 each, 0.3 beats 1: 18 pairs.
+    assert roc_auc(LABELS, SCORES) == pytest.approx(18 / 24)
+
+
+def test_auc_ties_count_half():
+    assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert roc_auc(np.array([0, 1, 1]), np.array([0.2, 0.9, 0.8])) == pytest.approx(1.0)
+
+
+def test_calibration_finds_the_highest_threshold_reaching_the_target():
+    rng = np.random.default_rng(1)
+    positives = np.linspace(0.01, 1.0, 100)  # sensitivity >= 0.97 needs 97 of them: t = 0.04
+    labels = np.r_[np.ones(100), np.zeros(50)].astype(int)
+    scores = np.r_[rng.permutation(positives), rng.uniform(0, 0.5, 50)]
+    t = threshold_for_sensitivity(labels, scores, 0.97)
+    assert t == pytest.approx(0.04)
+    assert metrics_at(labels, scores, t)["sensitivity"] == pytest.approx(0.97)
+    assert metrics_at(labels, scores, np.nextafter(t, 1))["sensitivity"] < 0.97
+
+
+def test_confusion_matrix_shape():
+    assert confusion_matrix([0, 1, 1], [False, True, False]).tolist() == [[1, 0], [1, 1]]

@@ -1,0 +1,132 @@
+"""Training, saving, loading and integrity of model files."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info
+from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, parse_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+KERMANY = ROOT.parent / "shared" / "data" / "kermany224"
+
+
+@pytest.fixture(scope="module")
+def tiny_training(tmp_path_factory):
+    """A real training run on a handful of images: one low-resolution epoch, one at 224."""
+    from pneumonia_batch.train import train
+
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    out = tmp_path_factory.mktemp("model") / "tiny.keras"
+    model, meta = train(KERMANY, out, parse_schedule("32:1,224:1"), batch_size=4, limit=4,
+                        run_dir=out.parent / "run", log=lambda m: None)
+    return out, model, meta
+
+
+def test_training_writes_model_metadata_history_and_threshold(tiny_training):
+    out, _, meta = tiny_training
+    saved = json.loads(metadata_path(out).read_text())
+    assert saved["sha256"] == read_model_info(out).sha256
+    assert saved["training"]["n_train"] == 8 and saved["training"]["n_validation"] == 8
+    assert [p["size"] for p in saved["training"]["schedule"]] == [32, 224]
+    assert 0.0 <= saved["threshold"]["value"] <= 1.0
+    assert saved["validation"]["at_threshold"]["sensitivity"] >= 0.97  # by construction on 4 cases
+    history = out.with_suffix(".history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch") and len(history) == 3
+    assert out.with_suffix(".curves.png").stat().st_size > 1000
+
+
+def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
+    from pneumonia_batch.inference import KerasRunner
+
+    out, model, _ = tiny_training
+    batch = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3)).astype(np.uint8)
+    in_memory = np.asarray(model(batch.astype(np.float32), training=False))[:, 1]
+    reloaded = KerasRunner(out, "raw").predict(batch)
+    np.testing.assert_allclose(reloaded, in_memory, atol=1e-6)
+
+
+def test_resume_continues_after_the_last_checkpoint(tiny_training):
+    out, _, _ = tiny_training
+    progress = json.loads((out.parent / "run" / "progress.json").read_text())
+    assert progress["completed_epochs"] == 2
+    assert [row["size"] for row in progress["history"]] == [32, 224]
+
+
+def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
+    out, _, _ = tiny_training
+    copy = tmp_path / "tiny.keras"
+    shutil.copy(out, copy)
+    shutil.copy(metadata_path(out), metadata_path(copy))
+    with open(copy, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="does not match its metadata"):
+        read_model_info(copy)
+
+
+def test_model_without_metadata_needs_scale_and_threshold(tiny_training, tmp_path):
+    out, _, _ = tiny_training
+    copy = tmp_path / "theirs.keras"
+    shutil.copy(out, copy)
+    with pytest.raises(ModelError, match="--input-scale"):
+        read_model_info(copy)
+    info = read_model_info(copy, input_scale="raw", threshold=0.3)
+    assert (info.threshold, info.threshold_source) == (0.3, "command line")
+
+
+def test_evaluate_command_writes_metrics_and_plots(tiny_training, tmp_path):
+    out, _, _ = tiny_training
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / label).mkdir(parents=True)
+        for source in sorted((ROOT / "examples" / "studies" / f"paediatric-{label.lower()}").iterdir()):
+            shutil.copy(source, data / label)
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "evaluate", str(data), "--model", str(out),
+                             "--out-dir", str(tmp_path / "ev")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert saved["n_images"] == 4 and saved["n_pneumonia"] == 2
+    assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 4
+    assert "ROC-AUC" in result.stdout and (tmp_path / "ev" / "roc.png").is_file()
+
+
+def test_imagenet_init_loads_the_given_weight_file(tmp_path):
+    """A weight file in the Keras notop HDF5 format is loaded into the backbone."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    reference = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(None, None, 3))
+    path = tmp_path / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    with h5py.File(path, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, reference)
+    model = build_model(None, init="imagenet", imagenet_weights=path, seed=123)
+    backbone = model.get_layer("densenet121")
+    for layer in ("conv1_conv", "conv5_block16_2_conv"):
+        np.testing.assert_array_equal(backbone.get_layer(layer).get_weights()[0],
+                                      reference.get_layer(layer).get_weights()[0])
+    _set_trainable(model, Phase(96, 1, 1e-3, frozen_backbone=True), "imagenet")
+    assert not backbone.trainable
+    _set_trainable(model, Phase(224, 1, 1e-4), "imagenet")
+    flags = [layer.trainable for layer in backbone.layers]
+    assert not any(flags[:UNFREEZE_FROM_LAYER]) and all(flags[UNFREEZE_FROM_LAYER:])
+
+
+def test_imagenet_init_without_weight_file_is_refused():
+    with pytest.raises(ModelError, match="imagenet-weights"):
+        build_model(None, init="imagenet", imagenet_weights=None)
+
+
+@pytest.mark.parametrize("text", ["96:2,128:1", "224", "224:0", "abc:1"])
+def test_bad_schedules_are_refused(text):
+    from pneumonia_batch.train import train
+
+    with pytest.raises(ValueError):
+        phases = parse_schedule(text)
+        train(KERMANY, Path("/nonexistent/x.keras"), phases)

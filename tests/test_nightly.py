@@ -1,0 +1,215 @@
+"""Unattended operation: incremental state, lock, kill -9 recovery, deferral, audit log, export."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pneumonia_batch.state import StateLock
+from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
+from tests.test_cli import NORMAL_JPEG, PNEUMONIA_JPEG, ROOT, rows, run
+
+OLD = time.time() - 3600
+
+
+def make_studies(root: Path, n: int) -> Path:
+    for i in range(n):
+        folder = root / f"child{i:03d}"
+        folder.mkdir(parents=True)
+        shutil.copy(PNEUMONIA_JPEG if i % 2 else NORMAL_JPEG, folder / "cxr.jpeg")
+        os.utime(folder / "cxr.jpeg", (OLD, OLD))
+    return root
+
+
+def image_rows(state):
+    with sqlite3.connect(state) as db:
+        return {rel: (run_id, p) for rel, run_id, p in
+                db.execute("SELECT rel, run_id, probability FROM images")}
+
+
+@pytest.fixture
+def no_tensorflow(tmp_path):
+    """An environment in which importing TensorFlow or Keras fails loudly."""
+    fake = tmp_path / "fake_site"
+    for name in ("tensorflow", "keras"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported')\n")
+    return dict(os.environ, PYTHONPATH=str(fake))
+
+
+def test_second_run_skips_everything_without_tensorflow(tmp_path, no_tensorflow):
+    studies = make_studies(tmp_path / "studies", 3)
+    state = tmp_path / "state.db"
+    first = run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert first.returncode == 0, first.stderr
+    before = image_rows(state)
+    assert len(before) == 3
+    second = run(studies, "--out", tmp_path / "r2.csv", "--state", state, env=no_tensorflow)
+    assert second.returncode == 0, second.stderr
+    assert rows(tmp_path / "r2.csv") == []
+    assert "(+3 from earlier runs)" in second.stderr
+    assert image_rows(state) == before
+    again = run(studies, "--out", tmp_path / "r3.csv", "--state", state, "--include-previous",
+                env=no_tensorflow)
+    previous = rows(tmp_path / "r3.csv")
+    assert sorted(r["study_id"] for r in previous) == ["child000", "child001", "child002"]
+    assert {r["probability"] for r in previous} == {r["probability"] for r in rows(tmp_path / "r1.csv")}
+    assert again.returncode == 0
+
+
+def test_new_files_are_scored_and_a_grown_study_is_rescored(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    first = image_rows(state)
+    shutil.copy(NORMAL_JPEG, studies / "child001" / "second.jpeg")
+    make_studies(tmp_path / "more", 1)
+    shutil.move(tmp_path / "more" / "child000", studies / "child999")
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["study_id"] for r in rows(tmp_path / "r2.csv")) == ["child001", "child999"]
+    after = image_rows(state)
+    assert after["child000/cxr.jpeg"] == first["child000/cxr.jpeg"]  # untouched study not re-scored
+    assert after["child001/cxr.jpeg"][0] != first["child001/cxr.jpeg"][0]  # its study grew
+    assert after["child001/cxr.jpeg"][1] == pytest.approx(first["child001/cxr.jpeg"][1], abs=1e-6)
+
+
+def test_other_threshold_rescores(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--threshold", "0.5")
+    assert [r["threshold"] for r in rows(tmp_path / "r2.csv")] == ["0.5"]
+
+
+def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    state = tmp_path / "state.db"
+    with StateLock(state):
+        result = run(studies, "--out", tmp_path / "r.csv", "--state", state)
+    assert result.returncode == 3
+    assert f"pid {os.getpid()}" in result.stderr
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
+    studies = make_studies(tmp_path / "studies", 24)
+    state = tmp_path / "state.db"
+    args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
+            "--state", str(state), "--batch-size", "2", "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and 0 < len(image_rows(state)) < 24:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(image_rows(state))
+    assert 0 < done_before < 24, "the run was not caught half-way"
+    assert not (tmp_path / "r1.csv").exists()
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--include-previous")
+    assert result.returncode == 0, result.stderr
+    report = rows(tmp_path / "r2.csv")
+    assert sorted(r["study_id"] for r in report) == [f"child{i:03d}" for i in range(24)]
+    assert all(r["status"] == "scored" for r in report)
+    assert len(image_rows(state)) == 24
+
+
+def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    os.utime(studies / "child001" / "cxr.jpeg")  # just copied in
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
+    first = {r["study_id"]: r["status"] for r in rows(tmp_path / "r1.csv")}
+    assert first == {"child000": "scored", "child001": "deferred"}
+    os.utime(studies / "child001" / "cxr.jpeg", (OLD, OLD))
+    run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
+    assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r2.csv")} == {"child001": "scored"}
+
+
+def test_audit_log_has_run_and_file_events(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    (studies / "junk.txt").write_text("x")
+    log = tmp_path / "audit.jsonl"
+    run(studies, "--out", tmp_path / "r.csv", "--log-file", log)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events][0] == "run_start" and events[-1]["event"] == "run_end"
+    files = {e["file"]: e for e in events if e["event"] == "file"}
+    assert set(files) == {"child000/cxr.jpeg", "child001/cxr.jpeg", "junk.txt"}
+    assert files["junk.txt"]["status"] == "skipped"
+    assert 0 <= files["child000/cxr.jpeg"]["probability"] <= 1
+    assert events[-1]["counts"]["studies"] == 3 and len({e["run_id"] for e in events}) == 1
+
+
+def test_export_is_safe_idempotent_and_only_grows(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    pixels = chest_pixels()
+    for name, patient in [("a.dcm", "../../etc"), ("b.dcm", "CON"), ("c.dcm", "/abs/olute")]:
+        save(make_dataset(pixels, patient_id=patient, WindowCenter=2048, WindowWidth=4096), studies / name)
+    export = tmp_path / "review"
+    args = ["--threshold", "0", "--export-flagged", export]
+    result = run(studies, "--out", tmp_path / "r1.csv", *args)
+    assert result.returncode == 0, result.stderr
+    folders = sorted(p.name for p in export.iterdir() if p.is_dir())
+    assert len(folders) == 3
+    assert all(p.resolve().is_relative_to(export.resolve()) for p in export.rglob("*"))
+    assert not (tmp_path / "etc").exists()
+    assert any(f.startswith("_CON_") for f in folders) and any(f.startswith("etc_") for f in folders)
+    for folder in folders:
+        content = sorted(p.name for p in (export / folder).iterdir())
+        assert content[0].startswith("01_") and content[1].startswith("overlay_01_")
+        assert content[2] == "result.json"
+    snapshot = {p: p.stat().st_mtime_ns for p in export.rglob("*") if p.parent != export}
+    run(studies, "--out", tmp_path / "r2.csv", *args)
+    assert {p: p.stat().st_mtime_ns for p in export.rglob("*") if p.parent != export}.keys() == snapshot.keys()
+    (studies / "a.dcm").unlink()
+    run(studies, "--out", tmp_path / "r3.csv", *args)
+    with open(export / "worklist.csv", newline="") as handle:
+        worklist = list(csv.DictReader(handle))
+    assert len(worklist) == 3  # the study whose file is gone stays listed
+    probabilities = [float(r["probability"]) for r in worklist]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_review_page_in_a_real_browser(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Chromium is not installed")
+    studies = tmp_path / "studies"
+    shutil.copytree(EXAMPLES, studies)
+    export = tmp_path / "review"
+    result = run(studies, "--out", tmp_path / "r.csv", "--export-flagged", export)
+    assert result.returncode == 0, result.stderr
+    flagged = [r for r in rows(tmp_path / "r.csv") if r["flagged"] == "true"]
+    assert flagged
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: errors.append(f"request failed {r.url}"))
+        page.goto((export / "index.html").as_uri())
+        cards = page.locator(".card")
+        assert cards.count() == len(flagged)
+        shown = [float(t) for t in page.locator(".prob").all_inner_texts()]
+        assert shown == sorted(shown, reverse=True)
+        assert page.locator(".card img").count() == sum(int(r["n_scored"]) for r in flagged)
+        widths = page.eval_on_selector_all(".card img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert all(w > 0 for w in widths)
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        browser.close()
+    assert errors == []
