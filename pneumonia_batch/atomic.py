@@ -13,6 +13,9 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the report
         binary = isinstance(content, bytes)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
             handle.write(content)

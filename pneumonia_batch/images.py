@@ -19,8 +19,14 @@ def image_kind(head: bytes) -> str | None:
     return None
 
 
-def read_grey(path: Path) -> Image.Image:
-    """Decode a PNG or JPEG to mode 'L' (colour exports are reduced to grey)."""
+def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
+    """Decode a PNG or JPEG to mode 'L' (colour exports are reduced to grey).
+
+    With ``min_side``, a large JPEG is decoded at a reduced DCT scale
+    (``draft``), keeping both sides at least ``min_side`` pixels.
+    """
     with Image.open(path) as image:
+        if min_side and image.format == "JPEG":
+            image.draft("L", (min_side, min_side))
         image.load()
         return image.convert("L") if image.mode != "L" else image.copy()

@@ -118,6 +118,8 @@ def make_runner(info: ModelInfo, runtime: str, batch_size: int):
 
 def convert_to_tflite(model_path: Path) -> Path:
     """Convert a Keras model to TFLite beside it and pin the result in its metadata."""
+    import contextlib
+    import io
     import json
 
     import tensorflow as tf
@@ -126,10 +128,8 @@ def convert_to_tflite(model_path: Path) -> Path:
     from .model import load_keras_model, metadata_path
 
     model = load_keras_model(model_path)
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec((1, *model.input_shape[1:]), tf.float32))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    flatbuffer = converter.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
+        flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     target = tflite_path(model_path)
     write_atomic(target, flatbuffer)
     meta_file = metadata_path(model_path)

@@ -44,14 +44,23 @@ def grey_to_image(grey: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")
 
 
-def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE) -> tuple[np.ndarray, str]:
+# Reduced-resolution decoding keeps at least this many pixels per side, so the
+# final antialiased resize still does most of the filtering.  Measured on 56 real
+# paediatric JPEGs: at 2x the input size probabilities moved by up to 0.013, at
+# 3x by at most 0.006.
+DECODE_MIN_SIDE = 3 * INPUT_SIZE
+
+
+def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE,
+                          reduced: bool = True) -> tuple[np.ndarray, str]:
     """Decode one file and return (model input, note).  Runs in decode workers."""
     from . import dicom, images
 
+    min_side = DECODE_MIN_SIDE if reduced else None
     if kind == "dicom":
-        grey, note = dicom.decode_grey(path)
+        grey, note = dicom.decode_grey(path, min_side)
         return to_model_input(grey_to_image(grey), size), note
-    return to_model_input(images.read_grey(path), size), ""
+    return to_model_input(images.read_grey(path, min_side), size), ""
 
 
 def display_image(path, kind: str, max_side: int = 512) -> Image.Image:

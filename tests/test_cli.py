@@ -72,7 +72,7 @@ def messy(tmp_path):
     shutil.copy(get_testdata_file("reportsi.dcm"), root / "dicom" / "report_sr")
     codec = make_dataset(np.zeros((4, 4), np.uint16), modality="DX")
     lossy = __import__("pydicom").dcmread(get_testdata_file("JPEG-lossy.dcm"))
-    lossy.Modality, lossy.SOPClassUID = "DX", codec.SOPClassUID
+    lossy.Modality, lossy.SOPClassUID, lossy.BodyPartExamined = "DX", codec.SOPClassUID, "CHEST"
     lossy.save_as(root / "dicom" / "jpeg12bit.dcm")
     (root / "empty.dcm").write_bytes(b"")
     (root / "notes.txt").write_text("not an image")

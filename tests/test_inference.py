@@ -1,0 +1,61 @@
+"""Runtimes and fast decoding agree with the reference path on real images."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia_batch.inference import KerasRunner, TFLiteRunner, converted_file, make_runner
+from pneumonia_batch.model import DEFAULT_MODEL, read_model_info
+from pneumonia_batch.preprocess import model_input_from_file
+from tests.dicom_factory import EXAMPLES
+
+FULLRES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kermany-fullres"
+
+
+def real_images():
+    files = [(p, "dicom") for p in sorted((EXAMPLES / "dicom").glob("*.dcm")) if "abdomen" not in p.name]
+    files += [(p, "jpeg") for p in sorted(EXAMPLES.glob("paediatric-*/*.jpeg"))]
+    if FULLRES.is_dir():  # the larger shared sample, when it is there
+        files += [(p, "jpeg") for p in sorted(FULLRES.rglob("*.jpeg"))[::6]]
+    return files
+
+
+@pytest.fixture(scope="module")
+def info():
+    return read_model_info(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def keras_runner(info):
+    return KerasRunner(info.path, info.input_scale, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def full_inputs():
+    return np.stack([model_input_from_file(str(p), kind, reduced=False)[0] for p, kind in real_images()])
+
+
+def test_tflite_agrees_with_keras(info, keras_runner, full_inputs):
+    path = converted_file(info)
+    assert path is not None, "the shipped model has no pinned TFLite conversion"
+    tflite = TFLiteRunner(path, info.input_scale).predict(full_inputs)
+    keras = np.concatenate([keras_runner.predict(full_inputs[i:i + 8]) for i in range(0, len(full_inputs), 8)])
+    np.testing.assert_allclose(tflite, keras, atol=1e-4)
+    assert keras.std() > 0.05  # real, varied probabilities, not a constant
+
+
+def test_reduced_resolution_decoding_moves_probabilities_by_less_than_001(keras_runner, full_inputs):
+    reduced = np.stack([model_input_from_file(str(p), kind, reduced=True)[0] for p, kind in real_images()])
+    assert (reduced != full_inputs).any()  # the fast path really was taken
+    predict = lambda x: np.concatenate([keras_runner.predict(x[i:i + 8]) for i in range(0, len(x), 8)])
+    assert np.abs(predict(reduced) - predict(full_inputs)).max() < 0.01
+
+
+def test_short_batches_are_padded_to_the_compiled_shape(keras_runner, full_inputs):
+    whole = keras_runner.predict(full_inputs[:8])
+    np.testing.assert_allclose(keras_runner.predict(full_inputs[:3]), whole[:3], atol=1e-5)
+
+
+def test_auto_runtime_on_cpu_is_tflite(info):
+    assert make_runner(info, "auto", 16).name == "tflite"
