@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .inference import RUNTIMES
 from .model import DEFAULT_MODEL, INPUT_SCALES
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
@@ -159,7 +160,7 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64),
               help="Decode processes (default: one per core not used by inference, at least 1).")
-@click.option("--runtime", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
               show_default=True,
               help="Inference runtime: auto takes keras (XLA) on a GPU, else the model's TFLite "
                    "conversion when it has one, else keras.")

@@ -14,17 +14,19 @@ has a converted file, else ``keras``.
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from .model import PNEUMONIA_INDEX, ModelError, ModelInfo, sha256_of
+from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, sha256_of
 from .preprocess import scale_batch
 
 # TensorFlow's C++ start-up chatter is not for screening users; real errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RUNTIMES = ("auto", "tflite", "keras")
+INPUT_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
 
 
 def tflite_path(model_path: Path) -> Path:
@@ -42,11 +44,14 @@ class KerasRunner:
     name = "keras"
 
     def __init__(self, model_path: Path, input_scale: str, batch_size: int | None = None,
-                 jit: bool = False):
+                 jit: bool = False, mixed_precision: bool = False):
+        import keras
         import tensorflow as tf
 
         from .model import load_keras_model
 
+        if mixed_precision:  # float16 compute on GPU tensor cores; variables stay float32
+            keras.mixed_precision.set_global_policy("mixed_float16")
         self.model = load_keras_model(model_path)
         self.input_scale = input_scale
         self.batch_size = batch_size
@@ -55,13 +60,42 @@ class KerasRunner:
         if jit:
             self.name = "keras-xla"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        n = len(batch)
+    def _prepare(self, batch: np.ndarray) -> np.ndarray:
         x = scale_batch(batch, self.input_scale)
-        if self.batch_size and n < self.batch_size:  # one compiled shape, whatever the corpus size
-            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
-        probabilities = np.asarray(self._call(x))[:n, PNEUMONIA_INDEX]
-        return probabilities.astype(np.float64)
+        if self.batch_size and len(x) < self.batch_size:  # one compiled shape, whatever the corpus size
+            x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), x.dtype)])
+        return x
+
+    def _probabilities(self, x, n: int) -> np.ndarray:
+        return np.asarray(self._call(x), dtype=np.float32)[:n, PNEUMONIA_INDEX].astype(np.float64)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self._probabilities(self._prepare(batch), len(batch))
+
+    def run(self, stream):
+        """(items, uint8 batch) -> (items, probabilities), through a prefetching tf.data pipeline.
+
+        The next batch is prepared (and, on a GPU, copied to the device) while
+        the current one is computed.
+        """
+        import tensorflow as tf
+
+        sizes = deque()
+
+        def prepared():
+            for items, batch in stream:
+                sizes.append(items)
+                yield self._prepare(batch)
+
+        spec = tf.TensorSpec((self.batch_size, *INPUT_SHAPE), tf.float32)
+        dataset = tf.data.Dataset.from_generator(prepared, output_signature=spec)
+        if gpu_present():
+            dataset = dataset.apply(tf.data.experimental.prefetch_to_device("/gpu:0", 2))
+        else:
+            dataset = dataset.prefetch(2)
+        for x in dataset:
+            items = sizes.popleft()
+            yield items, self._probabilities(x, len(items))
 
 
 class TFLiteRunner:
@@ -89,6 +123,10 @@ class TFLiteRunner:
             out[i] = self.interpreter.get_tensor(self.output_index)[0, PNEUMONIA_INDEX]
         return out
 
+    def run(self, stream):
+        for items, batch in stream:
+            yield items, self.predict(batch)
+
 
 def converted_file(info: ModelInfo) -> Path | None:
     """The model's TFLite conversion, if present and pinned to this model in its metadata."""
@@ -112,7 +150,8 @@ def make_runner(info: ModelInfo, runtime: str, batch_size: int):
                              f"'python -m pneumonia_batch convert --model {info.path}'")
         return TFLiteRunner(path, info.input_scale)
     if runtime == "keras":
-        return KerasRunner(info.path, info.input_scale, batch_size, jit=gpu_present())
+        gpu = gpu_present()
+        return KerasRunner(info.path, info.input_scale, batch_size, jit=gpu, mixed_precision=gpu)
     raise ValueError(f"unknown runtime {runtime!r}")
 
 

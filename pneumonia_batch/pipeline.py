@@ -100,8 +100,7 @@ def score(files: list[InputFile], make_runner: Callable, batch_size: int, worker
                 on_file(item)
             yield item, array
 
-    for items, batch in batches(reported(decoded(pending, workers)), batch_size):
-        probabilities = runner.predict(batch)
+    for items, probabilities in runner.run(batches(reported(decoded(pending, workers)), batch_size)):
         for item, probability in zip(items, probabilities):
             item.probability = float(probability)
             item.finish("scored")

@@ -55,6 +55,22 @@ def test_examples_report(tmp_path):
     assert "4 studies scored" in result.stderr and "0 file errors" in result.stderr
 
 
+def test_keras_tf_data_path_matches_tflite(tmp_path):
+    """The GPU-style path (tf.data prefetch, fixed batch shape, padding) gives the same report."""
+    reports = {}
+    for runtime in ("keras", "tflite"):
+        out = tmp_path / f"{runtime}.json"
+        result = run(EXAMPLES, "--out", out, "--runtime", runtime, "--batch-size", "4")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(out.read_text())
+        assert doc["run"]["runtime"] == runtime
+        reports[runtime] = {i["file"]: i["probability"] for s in doc["studies"] for i in s["images"]
+                            if i["status"] == "scored"}
+    assert len(reports["keras"]) == 6 and reports["keras"].keys() == reports["tflite"].keys()
+    for name, probability in reports["keras"].items():
+        assert probability == pytest.approx(reports["tflite"][name], abs=1e-4)
+
+
 @pytest.fixture
 def messy(tmp_path):
     """Real studies mixed with everything an archive folder can hold."""
