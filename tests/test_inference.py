@@ -48,7 +48,9 @@ def test_tflite_agrees_with_keras(info, keras_runner, full_inputs):
 def test_reduced_resolution_decoding_moves_probabilities_by_less_than_001(keras_runner, full_inputs):
     reduced = np.stack([model_input_from_file(str(p), kind, reduced=True)[0] for p, kind in real_images()])
     assert (reduced != full_inputs).any()  # the fast path really was taken
-    predict = lambda x: np.concatenate([keras_runner.predict(x[i:i + 8]) for i in range(0, len(x), 8)])
+    def predict(x):
+        return np.concatenate([keras_runner.predict(x[i:i + 8]) for i in range(0, len(x), 8)])
+
     assert np.abs(predict(reduced) - predict(full_inputs)).max() < 0.01
 
 
