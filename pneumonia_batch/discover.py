@@ -86,7 +86,8 @@ def walk(root: Path) -> list[InputFile]:
     root = Path(root)
     real_root = root.resolve()
     found: list[InputFile] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable.append):
         dirnames.sort()
         base = Path(dirpath)
         for name in dirnames:
@@ -115,21 +116,12 @@ def walk(root: Path) -> list[InputFile]:
                 item.finish("error", f"cannot stat: {exc.strerror}")
                 continue
             item.size, item.mtime = stat.st_size, stat.st_mtime
-    for dirpath in _unreadable_dirs(root):
-        item = InputFile(rel=Path(dirpath).relative_to(root).as_posix(), path=Path(dirpath))
-        item.finish("error", "folder not readable")
+    for error in unreadable:
+        folder = Path(error.filename)
+        item = InputFile(rel=folder.relative_to(root).as_posix(), path=folder)
+        item.finish("error", f"folder not readable: {error.strerror}")
         found.append(item)
     return found
-
-
-def _unreadable_dirs(root: Path) -> list[str]:
-    bad = []
-    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
-        for name in dirnames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full) and not os.access(full, os.R_OK | os.X_OK):
-                bad.append(full)
-    return bad
 
 
 def identify(item: InputFile, header_filter: bool = True) -> None:
