@@ -172,7 +172,7 @@ def main(argv=None) -> None:
                                        "--no-progress", "--quiet"])
         run = json.loads(report.read_text())["run"]
         scored = run["counts"]["images_scored"]
-        steady = scored / (run["timings"]["scoring_s"] - run["timings"].get("model_load_s", 0))
+        steady = run["timings"]["steady_img_s"]
         print(f"screen.py: {scored} images in {wall:.1f} s wall ({scored / wall:.1f} img/s with start-up), "
               f"steady {steady:.1f} img/s on {run['runtime']}, peak RSS {peak:.2f} GB", flush=True)
 

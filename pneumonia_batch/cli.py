@@ -159,7 +159,7 @@ def evaluate(data_dir, model_path, split, out_dir):
               help="Pixel scaling for a model without metadata: raw 0..255, unit 0..1, imagenet mean/std.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64),
-              help="Decode processes (default: one per core not used by inference, at least 1).")
+              help="Decode processes (default: one per core).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
               show_default=True,
               help="Inference runtime: auto takes keras (XLA) on a GPU, else the model's TFLite "

@@ -21,8 +21,12 @@ from .preprocess import model_input_from_file
 
 
 def default_workers() -> int:
-    """One decode process per core not needed by inference, and at least one."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """One decode process per core; the kernel interleaves them with inference.
+
+    Measured on 2 cores, 300 mixed JPEG/DICOM files, TFLite: 1 worker 25 img/s,
+    2 workers 29 img/s, 3 workers 29 img/s (decoding waits less on slow files).
+    """
+    return max(1, os.cpu_count() or 1)
 
 
 def _decode(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:

@@ -100,9 +100,15 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
 
         study_of = {f.rel: s for s in studies for f in s.files}
 
+        batch_clock = []  # (time, images) as batches finish: steady-state throughput
+
         def commit(batch):
             if state:
                 state.save_images(batch, study_of, info.sha256, info.threshold, summary.run_id)
+
+        def scored_batch(batch):
+            batch_clock.append((time.perf_counter(), len(batch)))
+            commit(batch)
 
         def runner():
             from .inference import make_runner
@@ -117,12 +123,15 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         pending = sum(f.status == "pending" for f in work)
         ticker = progress(pending) if progress and pending else None
         try:
-            score(work, runner, options.batch_size, options.workers, on_batch=commit,
+            score(work, runner, options.batch_size, options.workers, on_batch=scored_batch,
                   on_file=(lambda _: ticker.update(1)) if ticker else None)
         finally:
             if ticker:
                 ticker.close()
         summary.timings["scoring_s"] = round(time.perf_counter() - scoring, 3)
+        if len(batch_clock) > 2:  # from the first batch out to the last: start-up excluded
+            images = sum(n for _, n in batch_clock[1:])
+            summary.timings["steady_img_s"] = round(images / (batch_clock[-1][0] - batch_clock[0][0]), 2)
 
         commit([f for f in work if f.status != "scored"])  # skips and errors are outcomes too
         records = [study_record(s, info.threshold, info.sha256, summary.run_id) for s in this_run]
