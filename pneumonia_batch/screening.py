@@ -77,7 +77,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
 
-        files = discover.walk(options.directory)
+        files = [f for f in discover.walk(options.directory) if not _own_output(f.path, options)]
         known = state.known_images(info.sha256, info.threshold) if state else {}
         restored = set()
         for item in files:
@@ -156,6 +156,17 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
                     exit_code=summary.exit_code)
     return summary
+
+
+def _own_output(path: Path, options: ScreenOptions) -> bool:
+    """The report, state, lock, log or export of this tool, when the user put them inside DIR."""
+    resolved = path.resolve()
+    outputs = [options.out, options.log_file]
+    if options.state:
+        outputs += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
+    if any(p is not None and resolved == Path(p).resolve() for p in outputs):
+        return True
+    return bool(options.export_dir and resolved.is_relative_to(Path(options.export_dir).resolve()))
 
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:

@@ -82,6 +82,16 @@ def test_new_files_are_scored_and_a_grown_study_is_rescored(tmp_path):
     assert after["child001/cxr.jpeg"][1] == pytest.approx(first["child001/cxr.jpeg"][1], abs=1e-6)
 
 
+def test_outputs_inside_the_folder_are_not_screened(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    args = ["--state", studies / "state.db", "--log-file", studies / "audit.jsonl",
+            "--export-flagged", studies / "review", "--threshold", "0"]
+    run(studies, "--out", studies / "report.csv", *args)
+    result = run(studies, "--out", studies / "report.csv", *args)
+    assert result.returncode == 0, result.stderr
+    assert rows(studies / "report.csv") == []  # nothing new: its own files are not studies
+
+
 def test_other_threshold_rescores(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     state = tmp_path / "state.db"
