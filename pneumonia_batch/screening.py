@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from contextlib import ExitStack
@@ -160,13 +161,14 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
 
 def _own_output(path: Path, options: ScreenOptions) -> bool:
     """The report, state, lock, log or export of this tool, when the user put them inside DIR."""
-    resolved = path.resolve()
+    # Absolute, not resolved: resolving would raise on the symlink loops an archive may hold.
+    absolute = Path(os.path.abspath(path))
     outputs = [options.out, options.log_file]
     if options.state:
         outputs += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
-    if any(p is not None and resolved == Path(p).resolve() for p in outputs):
+    if any(p is not None and absolute == Path(os.path.abspath(p)) for p in outputs):
         return True
-    return bool(options.export_dir and resolved.is_relative_to(Path(options.export_dir).resolve()))
+    return bool(options.export_dir and absolute.is_relative_to(os.path.abspath(options.export_dir)))
 
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:
