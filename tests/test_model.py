@@ -52,11 +52,22 @@ def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
     np.testing.assert_allclose(reloaded, in_memory, atol=1e-6)
 
 
-def test_resume_continues_after_the_last_checkpoint(tiny_training):
+def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path):
+    from pneumonia_batch.train import train
+
     out, _, _ = tiny_training
-    progress = json.loads((out.parent / "run" / "progress.json").read_text())
+    run_dir = tmp_path / "run"
+    shutil.copytree(out.parent / "run", run_dir)
+    progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["completed_epochs"] == 2
-    assert [row["size"] for row in progress["history"]] == [32, 224]
+    resumed = tmp_path / "resumed.keras"
+    logged = []
+    train(KERMANY, resumed, parse_schedule("32:1,224:2"), batch_size=4, limit=4, run_dir=run_dir,
+          resume=True, log=logged.append)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert [row["epoch"] for row in progress["history"]] == [1, 2, 3]  # epochs 1-2 not run again
+    assert [row["size"] for row in progress["history"]] == [32, 224, 224]
+    assert any("resumed from" in line and "after epoch 2" in line for line in logged)
 
 
 def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
