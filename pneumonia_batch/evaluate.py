@@ -86,15 +86,14 @@ def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray,
 def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str,
                   batch_size: int = 32) -> np.ndarray:
     """Pneumonia probabilities for labelled image files, through the screening preprocessing."""
-    from .images import read_grey
     from .inference import KerasRunner
-    from .preprocess import to_model_input
+    from .preprocess import model_input_from_file
 
     runner = KerasRunner(model_path, input_scale)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = np.stack([to_model_input(read_grey(i.path)) for i in chunk])
+        batch = np.stack([model_input_from_file(str(i.path), "image")[0] for i in chunk])
         out.append(runner.predict(batch))
     return np.concatenate(out)
 

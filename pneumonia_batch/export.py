@@ -77,10 +77,6 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         folder.mkdir(exist_ok=True)
         images = []
         scored = study.scored
-        if scored and model is None:
-            from .model import load_keras_model
-
-            model = load_keras_model(info.path)
         for index, item in enumerate(study.files, start=1):
             name = f"{index:02d}_{safe_name(Path(item.rel).name, 'file')}"
             _link_or_copy(item.path, _inside(export_dir, folder / name))
@@ -88,7 +84,12 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                      "probability": item.probability}
             if item in scored:
                 overlay_name = f"overlay_{name}.png"
-                _write_overlay(model, info, item, folder / overlay_name)
+                if not (folder / overlay_name).exists():  # a rerun does not recompute it
+                    if model is None:  # TensorFlow only when an overlay is really needed
+                        from .model import load_keras_model
+
+                        model = load_keras_model(info.path)
+                    _write_overlay(model, info, item, folder / overlay_name)
                 entry["overlay"] = overlay_name
             images.append(entry)
         result = {key: record[key] for key in record if key != "images"}
@@ -101,10 +102,11 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
 
 def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     from .gradcam import heatmaps, overlay
-    from .preprocess import display_image, to_model_input
+    from .preprocess import RESAMPLE, read_grey_image, to_model_input
 
-    grey = display_image(item.path, item.kind)
+    grey, _ = read_grey_image(item.path, item.kind)  # full resolution: one decode for both uses
     cam = heatmaps(model, to_model_input(grey)[None], info.input_scale)[0]
+    grey.thumbnail((512, 512), RESAMPLE)  # aspect kept; the heatmap is stretched to match
     picture = overlay(grey, cam)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")

@@ -19,9 +19,10 @@ def heatmaps(model, batch: np.ndarray, input_scale: str) -> np.ndarray:
     The classifier is applied layer by layer (it is a single chain), so the
     feature maps of its last spatial layer can be watched by the tape.
     """
+    import keras
     import tensorflow as tf
 
-    layers = [layer for layer in model.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     last_spatial = max(i for i, layer in enumerate(layers) if len(layer.output.shape) == 4)
     x = tf.convert_to_tensor(scale_batch(batch, input_scale))
     for layer in layers[:last_spatial + 1]:

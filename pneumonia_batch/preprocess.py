@@ -51,22 +51,18 @@ def grey_to_image(grey: np.ndarray) -> Image.Image:
 DECODE_MIN_SIDE = 3 * INPUT_SIZE
 
 
+def read_grey_image(path, kind: str, min_side: int | None = None) -> tuple[Image.Image, str]:
+    """Decode a DICOM, PNG or JPEG file to an 8-bit grey image, and a note (e.g. multi-frame)."""
+    from . import dicom, images
+
+    if kind == "dicom":
+        grey, note = dicom.decode_grey(path, min_side)
+        return grey_to_image(grey), note
+    return images.read_grey(path, min_side), ""
+
+
 def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE,
                           reduced: bool = True) -> tuple[np.ndarray, str]:
     """Decode one file and return (model input, note).  Runs in decode workers."""
-    from . import dicom, images
-
-    min_side = DECODE_MIN_SIDE if reduced else None
-    if kind == "dicom":
-        grey, note = dicom.decode_grey(path, min_side)
-        return to_model_input(grey_to_image(grey), size), note
-    return to_model_input(images.read_grey(path, min_side), size), ""
-
-
-def display_image(path, kind: str, max_side: int = 512) -> Image.Image:
-    """The grey image at its own aspect ratio, at most ``max_side`` pixels, for review pages."""
-    from . import dicom, images
-
-    grey = grey_to_image(dicom.decode_grey(path)[0]) if kind == "dicom" else images.read_grey(path)
-    grey.thumbnail((max_side, max_side), RESAMPLE)
-    return grey
+    image, note = read_grey_image(path, kind, DECODE_MIN_SIDE if reduced else None)
+    return to_model_input(image, size), note

@@ -56,7 +56,7 @@ def test_failed_write_leaves_the_old_report_untouched(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os if hasattr(report, "os") else __import__("os"), "fsync", full_disk)
+    monkeypatch.setattr("pneumonia_batch.atomic.os.fsync", full_disk)
     with pytest.raises(OSError):
         report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
     assert target.read_text() == "previous report\n"
