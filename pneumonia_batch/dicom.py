@@ -197,46 +197,34 @@ JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 
 
 def _reduced_frame(ds, min_side: int) -> np.ndarray | None:
-    """Stored values at a fraction of full size, when that is exact enough for ``min_side``.
+    """Stored values of a JPEG 2000 image at half size, when that keeps ``min_side``.
 
-    JPEG 2000 decodes a lower resolution level directly (Pillow's ``reduce``),
-    about three times faster than a full decode.  Uncompressed data with a VOI
-    window or LUT are averaged over f x f blocks, which anticipates the
-    antialiased resize that follows and saves the LUT arithmetic on most pixels.  Anything unusual (colour, signed, multi-frame) returns None
-    and is decoded in full.
+    A JPEG 2000 image's half resolution is its wavelet low-pass band, which the
+    decoder reads without decoding the finest bands: about four times faster
+    than a full decode.  One level only: some encoders' streams lack deeper
+    levels, and Pillow rounds deeper reduced sizes differently from the codec.
+    Other syntaxes, and anything unusual (colour, signed, multi-frame), return
+    None and are decoded in full.
     """
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    factor = 1
-    while min(rows, cols) // (factor * 2) >= min_side:
-        factor *= 2
-    simple = (int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("PixelRepresentation", 0)) == 0
-              and int(ds.get("NumberOfFrames", 1) or 1) == 1 and int(ds.BitsAllocated) in (8, 16))
-    if factor == 1 or not simple:
-        return None
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    if syntax in JPEG2000_SYNTAXES and int(ds.BitsStored) <= 16:
-        import io
+    if syntax not in JPEG2000_SYNTAXES or min(int(ds.Rows), int(ds.Columns)) // 2 < min_side:
+        return None
+    if (int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.BitsStored) > 16):
+        return None
+    import io
 
-        from PIL import Image
-        from pydicom.encaps import generate_frames
+    from PIL import Image
+    from pydicom.encaps import generate_frames
 
-        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
-        with Image.open(io.BytesIO(codestream)) as image:
-            image.reduce = 1  # deeper levels are missing from some encoders' streams
-            image.load()
-            values = np.asarray(image)
-        if image.mode == "I;16":  # Pillow stretches N-bit samples to 16 bits
-            values = values >> max(0, 16 - int(ds.BitsStored))
-        return values
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if not ds.file_meta.TransferSyntaxUID.is_compressed and has_voi:
-        # Without a VOI the grey range is the image's own min..max, which block
-        # averaging would narrow; those images are decoded in full.
-        values = ds.pixel_array
-        h, w = rows // factor * factor, cols // factor * factor
-        blocks = values[:h, :w].reshape(h // factor, factor, w // factor, factor)
-        return blocks.mean(axis=(1, 3), dtype=np.float32)
-    return None
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    with Image.open(io.BytesIO(codestream)) as image:
+        image.reduce = 1
+        image.load()
+        values = np.asarray(image)
+    if image.mode == "I;16":  # Pillow stretches N-bit samples to 16 bits
+        values = values >> max(0, 16 - int(ds.BitsStored))
+    return values
 
 
 def decode_grey(path: Path, min_side: int | None = None) -> tuple[np.ndarray, str]:
