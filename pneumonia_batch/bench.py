@@ -128,6 +128,22 @@ def model_only(model_path: Path, n_images: int = 96) -> dict[str, float]:
     return speeds
 
 
+def decode_costs(corpus: Path) -> dict[str, float]:
+    """Mean CPU milliseconds to turn one file into a model input, per kind, in one process."""
+    from .preprocess import model_input_from_file
+
+    costs: dict[str, list[float]] = {}
+    for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
+        kind = "dicom" if path.suffix == ".dcm" else "jpeg"
+        label = path.parent.name if kind == "dicom" else "jpeg"
+        started = time.process_time()
+        model_input_from_file(str(path), kind)
+        costs.setdefault(label, []).append((time.process_time() - started) * 1000)
+    result = {label: float(np.mean(values)) for label, values in costs.items()}
+    result["all"] = float(np.mean([v for values in costs.values() for v in values]))
+    return result
+
+
 SEED_LOOP = r"""
 import sys, time, numpy as np, pydicom, keras
 from pathlib import Path
@@ -167,6 +183,14 @@ def main(argv=None) -> None:
             print(f"model only, {name:10s}: {speed:6.1f} img/s", flush=True)
         best_name = max(speeds, key=speeds.get)
 
+        decode_ms = decode_costs(corpus)
+        print("decode + resize, CPU ms per file: " + ", ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))
+        # Decoding and inference share the cores: if the network keeps every core busy for
+        # 1/best seconds an image, decoding adds decode_ms/cores, whatever the overlap.
+        cores = os.cpu_count() or 1
+        ceiling = (1 / speeds[best_name]) / (1 / speeds[best_name] + decode_ms["all"] / 1000 / cores)
+        print(f"steady-state ceiling when both share {cores} cores: {ceiling:.2f} of model-only", flush=True)
+
         report = Path(tmp) / "report.json"
         wall, peak, _ = timed_process([sys.executable, "screen.py", str(corpus), "--out", str(report),
                                        "--no-progress", "--quiet"])
@@ -183,6 +207,7 @@ def main(argv=None) -> None:
 
         results = {
             "files": counts, "cores": os.cpu_count(), "model_only_img_s": speeds,
+            "decode_cpu_ms_per_file": decode_ms, "shared_cores_ceiling": ceiling,
             "screen_wall_s": wall, "screen_steady_img_s": steady, "screen_runtime": run["runtime"],
             "screen_peak_rss_gb": peak, "seed_wall_s": seed_wall, "seed_peak_rss_gb": seed_peak,
             "steady_over_best_model_only": steady / speeds[best_name],
