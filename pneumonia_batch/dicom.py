@@ -29,15 +29,12 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 CHEST_MODALITIES = {"CR", "DX"}
 # BodyPartExamined is free text in practice; these are the chest spellings seen in archives.
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "TORAX", "THORAX_CHEST", "LUNG", "LUNGS", "PORT CHEST",
-                    "CHEST_PA", "CHEST PA", "CHEST AP", "TORACE", "BRUSTKORB", "POITRINE", "PECHO"}
+                    "CHEST_PA", "CHEST_AP", "CHEST PA", "CHEST AP", "TORACE", "BRUSTKORB", "POITRINE", "PECHO"}
 FRONTAL_VIEWS = {"PA", "AP"}
 # Transfer syntaxes that may be lossy: JPEG baseline/extended, JPEG-LS near-lossless,
 # JPEG 2000 and HTJ2K (either mode).
 LOSSY_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
-HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined",
-               "ViewPosition", "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames",
-               "PhotometricInterpretation", "Rows", "Columns"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,9 @@ def skip_reason(header: DicomHeader) -> str | None:
         return "dicomdir"
     if header.sop_class_uid not in SOP_CLASSES:
         return "not_an_image_sop_class"
-    if header.modality not in CHEST_MODALITIES:
+    # A CR or DX SOP class says what the Modality would; Secondary Capture needs it said.
+    implied = header.sop_class_uid in (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+    if header.modality not in CHEST_MODALITIES and not (implied and not header.modality):
         return f"modality_{header.modality.lower() or 'missing'}"
     if header.body_part and header.body_part not in CHEST_BODY_PARTS:
         return "not_chest"

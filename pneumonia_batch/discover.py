@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.errors import InvalidDicomError
-
 from . import dicom, images
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
@@ -143,8 +141,7 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
         return
     try:
         item.header = dicom.read_header(item.path)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
-            OSError, OverflowError, NotImplementedError) as exc:
+    except Exception as exc:  # a damaged header raises anything from struct.error to KeyError
         if head[128:132] == b"DICM":
             item.kind = "dicom"
             item.finish("error", f"unreadable DICOM header: {exc}")
@@ -173,7 +170,7 @@ def group_studies(files: list[InputFile]) -> list[Study]:
             study.patient_id = study.patient_id or header.patient_id
             study.accession_number = study.accession_number or header.accession_number
             study.study_date = study.study_date or header.study_date
-            if item.status == "pending" and header.sop_instance_uid:
+            if item.status in ("pending", "scored") and header.sop_instance_uid:  # scored: restored
                 _keep_one_copy(item, kept_instances)
         else:
             top = item.rel.split("/", 1)[0]

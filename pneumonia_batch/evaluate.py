@@ -70,7 +70,8 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     if labels.min() == labels.max():
         return float("nan")
     fpr, tpr = roc_curve(labels, probabilities)
-    return float(np.trapezoid(tpr, fpr))
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # trapz before numpy 2
+    return float(trapezoid(tpr, fpr))
 
 
 def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray,

@@ -57,13 +57,24 @@ def _inside(root: Path, path: Path) -> Path:
     return path
 
 
+def exported_name(item) -> str:
+    """The file's name behind a hash of its path, size and mtime: a replaced file gets a new name
+    (and a new overlay) instead of being shadowed by the old export."""
+    digest = hashlib.sha256(f"{item.rel}\0{item.size}\0{item.mtime}".encode()).hexdigest()[:8]
+    return f"{digest}_{safe_name(Path(item.rel).name, 'file')}"
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where possible, else a copy; a symlink's content, never the link itself."""
     if target.exists():
         return
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    if not source.is_symlink():
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo) -> int:
@@ -77,20 +88,27 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         folder.mkdir(exist_ok=True)
         images = []
         scored = study.scored
-        for index, item in enumerate(study.files, start=1):
-            name = f"{index:02d}_{safe_name(Path(item.rel).name, 'file')}"
-            _link_or_copy(item.path, _inside(export_dir, folder / name))
+        for item in study.files:
+            name = exported_name(item)
             entry = {"file": item.rel, "exported_as": name, "status": item.status,
                      "probability": item.probability}
-            if item in scored:
+            try:
+                _link_or_copy(item.path, _inside(export_dir, folder / name))
+            except OSError as exc:  # gone since the scan, a folder, a broken link: listed, not fatal
+                entry.update(exported_as=None, export_error=exc.strerror or str(exc))
+            if item in scored and entry["exported_as"]:
                 overlay_name = f"overlay_{name}.png"
                 if not (folder / overlay_name).exists():  # a rerun does not recompute it
                     if model is None:  # TensorFlow only when an overlay is really needed
                         from .model import load_keras_model
 
                         model = load_keras_model(info.path)
-                    _write_overlay(model, info, item, folder / overlay_name)
-                entry["overlay"] = overlay_name
+                    try:
+                        _write_overlay(model, info, item, folder / overlay_name)
+                    except Exception as exc:  # the file changed or vanished since it was scored
+                        entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if (folder / overlay_name).exists():
+                    entry["overlay"] = overlay_name
             images.append(entry)
         result = {key: record[key] for key in record if key != "images"}
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],

@@ -52,7 +52,6 @@ class ModelInfo:
     sha256: str
     threshold: float
     threshold_source: str
-    input_size: int
     input_scale: str
     metadata: dict
 
@@ -83,6 +82,9 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
             )
         if meta.get("class_names", CLASS_NAMES) != CLASS_NAMES:
             raise ModelError(f"model classes {meta.get('class_names')} are not {CLASS_NAMES}")
+        size = meta.get("preprocessing", {}).get("input_size", INPUT_SIZE)
+        if size != INPUT_SIZE:
+            raise ModelError(f"model expects {size} px inputs; screening prepares {INPUT_SIZE} px")
     elif input_scale is None or threshold is None:
         raise ModelError(
             f"no metadata file {meta_file.name} beside the model: give --input-scale "
@@ -105,7 +107,6 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
         sha256=actual_sha,
         threshold=chosen,
         threshold_source=source,
-        input_size=int(meta.get("preprocessing", {}).get("input_size", INPUT_SIZE)),
         input_scale=scale,
         metadata=meta,
     )

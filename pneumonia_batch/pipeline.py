@@ -41,15 +41,31 @@ def _decode(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
         return None, "", f"{type(exc).__name__}: {message}"[:300]
 
 
-def decoded(files: list[InputFile], workers: int) -> Iterator[tuple[InputFile, np.ndarray | None]]:
-    """Yield (file, model input or None) in order; failures are recorded on the file."""
+def decoded(files: list[InputFile], workers: int,
+            decode: Callable = _decode) -> Iterator[tuple[InputFile, np.ndarray | None]]:
+    """Yield (file, model input or None) in order; failures are recorded on the file.
+
+    A decoder process that dies (a codec segfault, the kernel's OOM killer)
+    takes every in-flight file with it.  The pool is then rebuilt, the file at
+    the head of the queue is retried alone (a second crash makes it the
+    culprit: an error row), and the others are resubmitted.
+    """
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
     window = max(4, workers * 8)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        queue: deque = deque()
-        todo = iter(files)
+
+    def new_pool():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+    pool = new_pool()
+    queue: deque = deque()
+    todo = iter(files)
+
+    def submit(item):
+        queue.append((item, pool.submit(decode, str(item.path), item.kind)))
+
+    try:
         for item in todo:
-            queue.append((item, pool.submit(_decode, str(item.path), item.kind)))
+            submit(item)
             if len(queue) >= window:
                 break
         while queue:
@@ -57,14 +73,27 @@ def decoded(files: list[InputFile], workers: int) -> Iterator[tuple[InputFile, n
             try:
                 array, note, error = future.result()
             except BrokenProcessPool:
-                array, note, error = None, "", "decoder process crashed"
+                pool.shutdown(cancel_futures=True)
+                pool = new_pool()
+                try:
+                    array, note, error = pool.submit(decode, str(item.path), item.kind).result()
+                except BrokenProcessPool:
+                    array, note, error = None, "", "decoder process crashed on this file"
+                    pool.shutdown(cancel_futures=True)
+                    pool = new_pool()
+                in_flight = [waiting for waiting, _ in queue]
+                queue.clear()
+                for waiting in in_flight:
+                    submit(waiting)
             item.note = note
             if error:
                 item.finish("error", error)
             yield item, array
             nxt = next(todo, None)
             if nxt is not None:
-                queue.append((nxt, pool.submit(_decode, str(nxt.path), nxt.kind)))
+                submit(nxt)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def batches(stream: Iterable[tuple[InputFile, np.ndarray | None]],

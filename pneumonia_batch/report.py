@@ -30,6 +30,7 @@ class RunSummary:
     runtime: str = ""
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    export_error: str = ""
 
     def count(self, studies: list[Study], previous: int = 0) -> None:
         files = [f for s in studies for f in s.files]
@@ -48,8 +49,8 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all read; 1 some files could not be read (they are in the report)."""
-        return 1 if self.counts.get("file_errors") else 0
+        """0 all read; 1 some files could not be read (they are in the report) or the export failed."""
+        return 1 if self.counts.get("file_errors") or self.export_error else 0
 
     def line(self) -> str:
         c = self.counts
@@ -57,7 +58,8 @@ class RunSummary:
         deferred = f", {c['deferred']} deferred" if c.get("deferred") else ""
         return (f"{c['scored']} studies scored, {c['flagged']} flagged, {c['skipped']} skipped"
                 f"{deferred}, {c['file_errors']} file errors{previous} "
-                f"in {self.timings.get('total_s', 0):.1f} s")
+                f"in {self.timings.get('total_s', 0):.1f} s"
+                + (f"; review export failed: {self.export_error}" if self.export_error else ""))
 
 
 def is_flagged(study: Study, threshold: float | None) -> bool:

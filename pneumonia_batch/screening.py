@@ -147,7 +147,11 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             from .export import export_flagged
 
             exporting = time.perf_counter()
-            summary.counts["exported"] = export_flagged(options.export_dir, this_run, records, info)
+            try:
+                summary.counts["exported"] = export_flagged(options.export_dir, this_run, records, info)
+            except (OSError, ValueError) as exc:  # the report matters more: write it regardless
+                summary.export_error = str(exc)
+                audit.event("export_failed", error=str(exc))
             summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)
         summary.timings["total_s"] = round(time.perf_counter() - started, 3)
         write_report(options.out, options.fmt, report_records, summary)

@@ -109,8 +109,13 @@ class State:
         return {row[0]: dict(zip(keys, row)) for row in rows}
 
     def restore(self, item: InputFile, row: dict) -> bool:
-        """Take an earlier outcome for an unchanged file; False if the file changed."""
-        if row["size"] != item.size or row["mtime"] != item.mtime:
+        """Take an earlier outcome for an unchanged file; False if the file changed.
+
+        Errors are never taken: a crashed decoder, a full memory, a permission
+        fixed with chmod or a codec installed since may all have passed, so
+        the file is tried again (and its study reported again) on every run.
+        """
+        if row["size"] != item.size or row["mtime"] != item.mtime or row["status"] == "error":
             return False
         item.kind = row["kind"]
         item.header = DicomHeader(**json.loads(row["header"])) if row["header"] else None

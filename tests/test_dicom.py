@@ -211,6 +211,10 @@ HEADER_CASES = [
     (dict(), None),
     (dict(body_part="", view=""), None),
     (dict(body_part="THORAX"), None),
+    (dict(body_part="CHEST_AP"), None),
+    (dict(modality=""), None),  # a DX SOP class says what the missing Modality would
+    (dict(modality="", sop_class=dicom.CR_IMAGE), None),
+    (dict(modality="", sop_class=dicom.SECONDARY_CAPTURE), "modality_missing"),
     (dict(view="LL"), "not_frontal_view"),
     (dict(view="LATERAL"), "not_frontal_view"),
     (dict(body_part="ABDOMEN"), "not_chest"),
@@ -231,3 +235,16 @@ def test_header_eligibility(tmp_path, fields, reason):
 def test_structured_report_from_pydicom_is_skipped():
     header = dicom.read_header(get_testdata_file("reportsi.dcm"))
     assert dicom.skip_reason(header) == "not_an_image_sop_class"
+
+
+def test_16_bit_png_is_scaled_from_its_range_not_clipped(tmp_path):
+    from PIL import Image
+
+    from pneumonia_batch.images import read_grey
+
+    stored = chest_pixels(128, bits=12)  # 12-bit values in a 16-bit PNG, as archive exports write them
+    Image.fromarray(stored).save(tmp_path / "x.png")
+    grey = np.asarray(read_grey(tmp_path / "x.png"), np.float64)
+    expected = (stored - stored.min()) / (stored.max() - stored.min()) * 255
+    assert np.abs(grey - expected).max() <= 0.5
+    assert (grey == 255).mean() < 0.01

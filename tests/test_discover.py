@@ -101,3 +101,16 @@ def test_study_probability_is_the_maximum_of_its_images():
     assert study.probability == 0.7
     assert study.status == "scored"
     assert study.reason == "error: boom (1)"
+
+
+def test_a_header_cut_short_anywhere_is_a_row_not_a_crash(tmp_path):
+    whole = save(make_dataset(PIXELS), tmp_path / "whole.dcm").read_bytes()
+    for length in range(1, 900, 3):
+        (tmp_path / f"cut{length:04d}.dcm").write_bytes(whole[:length])
+    files = found(tmp_path)
+    cut = [f for rel, f in files.items() if rel.startswith("cut")]
+    assert len(cut) == 300
+    assert {f.status for f in cut} <= {"error", "skipped", "pending"}
+    assert all(f.reason for f in cut if f.status != "pending")
+    # Past the header, the pixels are missing: the header reads, decoding will report it.
+    assert files["cut0898.dcm"].status == "pending"

@@ -177,7 +177,7 @@ def test_export_is_safe_idempotent_and_only_grows(tmp_path):
     assert any(f.startswith("_CON_") for f in folders) and any(f.startswith("etc_") for f in folders)
     for folder in folders:
         content = sorted(p.name for p in (export / folder).iterdir())
-        assert content[0].startswith("01_") and content[1].startswith("overlay_01_")
+        assert content[0].endswith(".dcm") and content[1] == f"overlay_{content[0]}.png"
         assert content[2] == "result.json"
     overlays = {p: p.stat().st_mtime_ns for p in export.rglob("overlay_*")}
     files = sorted(p for p in export.rglob("*") if p.parent != export)
@@ -225,3 +225,63 @@ def test_review_page_in_a_real_browser(tmp_path):
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def test_an_error_is_retried_on_the_next_run(tmp_path):
+    """A file that failed once is tried again, even when its size and mtime did not change."""
+    studies = make_studies(tmp_path / "studies", 2)
+    good = (studies / "child001" / "cxr.jpeg").read_bytes()
+    broken = good[:600] + bytes(len(good) - 600)  # same size, image data wiped
+    (studies / "child001" / "cxr.jpeg").write_bytes(broken)
+    os.utime(studies / "child001" / "cxr.jpeg", (OLD, OLD))
+    state = tmp_path / "state.db"
+    first = run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert first.returncode == 1
+    assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r1.csv")} == {
+        "child000": "scored", "child001": "error"}
+    (studies / "child001" / "cxr.jpeg").write_bytes(good)  # repaired in place, mtime put back
+    os.utime(studies / "child001" / "cxr.jpeg", (OLD, OLD))
+    second = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert second.returncode == 0, second.stderr
+    report = rows(tmp_path / "r2.csv")
+    assert [(r["study_id"], r["status"]) for r in report] == [("child001", "scored")]
+    assert float(report[0]["probability"]) > 0
+
+
+def test_a_lossless_copy_arriving_later_replaces_the_scored_lossy_one(tmp_path):
+    from pydicom.uid import JPEG2000Lossless
+
+    studies = tmp_path / "studies"
+    (studies / "study").mkdir(parents=True)
+    pixels = chest_pixels(256)
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
+    save(make_dataset(pixels, LossyImageCompression="01", **uids), studies / "study" / "lossy.dcm")
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    save(make_dataset(pixels, **uids), studies / "study" / "lossless.dcm", JPEG2000Lossless,
+         generate_instance_uid=False)
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    (study,) = rows(tmp_path / "r2.csv")
+    assert study["n_scored"] == "1"
+    assert "duplicate_instance_of study/lossless.dcm" in study["reason"]
+
+
+def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    os.symlink(studies / "child000" / "cxr.jpeg", studies / "child000" / "again.jpeg")
+    export = tmp_path / "review"
+    result = run(studies, "--out", tmp_path / "r1.csv", "--threshold", "0", "--export-flagged", export)
+    assert result.returncode == 0, result.stderr
+    (folder,) = [p for p in export.iterdir() if p.is_dir()]
+    exported = [p for p in folder.iterdir() if p.name.endswith(".jpeg")]
+    assert len(exported) == 2 and not any(p.is_symlink() for p in exported)
+    assert all(p.read_bytes() == (studies / "child000" / "cxr.jpeg").read_bytes() for p in exported)
+
+    shutil.rmtree(folder)  # the study's export folder is now taken by a file: the export fails
+    folder.write_text("not a folder")
+    result = run(studies, "--out", tmp_path / "r2.csv", "--threshold", "0", "--export-flagged", export)
+    assert result.returncode == 1
+    assert "review export failed" in result.stderr.splitlines()[-1]
+    assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
+    assert folder.read_text() == "not a folder"
