@@ -155,7 +155,7 @@ class _RunFolder:
     def load_progress(self) -> dict:
         if self.progress.is_file():
             return json.loads(self.progress.read_text())
-        return {"completed_epochs": 0, "history": [], "best_val_auc": None}
+        return {"completed_epochs": 0, "history": [], "best_val_loss": None}
 
     def save_progress(self, progress: dict) -> None:
         write_json_atomic(self.progress, progress)
@@ -181,7 +181,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     run = _RunFolder(run_dir or Path("runs") / out.stem)
-    progress = run.load_progress() if resume else {"completed_epochs": 0, "history": [], "best_val_auc": None}
+    progress = run.load_progress() if resume else {"completed_epochs": 0, "history": [], "best_val_loss": None}
 
     train_dir = resolve_split(data_dir, "train")
     train_items, val_items = split_by_patient(list_labelled(train_dir), val_fraction, seed)
@@ -211,14 +211,17 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                                  seed=seed + epoch_start)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
         callbacks = [
-            keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience),
+            keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-6),
             _ProgressCallback(run, progress, phase, log),
         ]
         if is_final_phase:
+            # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
+            # noise between epochs, while the loss also tells calibrated checkpoints from ones
+            # that push most pneumonia cases far below 0.5.
             callbacks.append(keras.callbacks.ModelCheckpoint(
-                run.best, monitor="val_auc", mode="max", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=progress["best_val_auc"]))
+                run.best, monitor="val_loss", mode="min", save_best_only=True, save_weights_only=True,
+                initial_value_threshold=progress.get("best_val_loss")))
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
             f"{max(epoch_start, progress['completed_epochs']) + 1}-{epoch_end}, lr {phase.learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
@@ -261,7 +264,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             "augmentation": "rotation +-10 deg, shift +-8 %, zoom 0.9-1.1, contrast 0.85-1.15, "
                             "brightness +-20/255; no flips",
             "epochs_run": progress["completed_epochs"],
-            "checkpoint": "best validation ROC-AUC at 224 px" if run.best.is_file() else "last epoch",
+            "checkpoint": "lowest validation loss at 224 px" if run.best.is_file() else "last epoch",
             "history_csv": history_csv.name,
             "curves_png": curves_png.name,
             "limit_per_class": limit,
@@ -294,10 +297,10 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, log):
             self.model.save_weights(run.last)
             progress["history"].append(row)
             progress["completed_epochs"] = epoch + 1
-            if phase.size == INPUT_SIZE and row.get("val_auc") is not None:
-                best = progress["best_val_auc"]
-                if best is None or row["val_auc"] > best:
-                    progress["best_val_auc"] = row["val_auc"]
+            if phase.size == INPUT_SIZE and row.get("val_loss") is not None:
+                best = progress.get("best_val_loss")
+                if best is None or row["val_loss"] < best:
+                    progress["best_val_loss"] = row["val_loss"]
             run.save_progress(progress)
 
     return ProgressCallback()

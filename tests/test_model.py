@@ -67,6 +67,8 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path):
     progress = json.loads((run_dir / "progress.json").read_text())
     assert [row["epoch"] for row in progress["history"]] == [1, 2, 3]  # epochs 1-2 not run again
     assert [row["size"] for row in progress["history"]] == [32, 224, 224]
+    # the checkpoint kept is the 224 px epoch with the lowest validation loss, across the resume
+    assert progress["best_val_loss"] == min(row["val_loss"] for row in progress["history"][1:])
     assert any("resumed from" in line and "after epoch 2" in line for line in logged)
 
 
