@@ -17,6 +17,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from .preprocess import own_range
+
 # Image SOP classes a chest radiograph arrives as (PS3.4 B.5).
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -168,8 +170,7 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
         grey = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     else:
-        low, high = float(values.min()), float(values.max())
-        grey = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        grey = own_range(values)
     inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse:
         grey = 1.0 - grey

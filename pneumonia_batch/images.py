@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .preprocess import grey_to_image, own_range
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
@@ -31,15 +33,7 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
             image.draft("L", (min_side, min_side))
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            return _stretch_to_8_bits(np.asarray(image, np.float32))
+            # Pillow's convert("L") would clip every value above 255 to white; like DICOM
+            # without a VOI, these are scaled from their own range.
+            return grey_to_image(own_range(np.asarray(image, np.float32)))
         return image.convert("L") if image.mode != "L" else image.copy()
-
-
-def _stretch_to_8_bits(values: np.ndarray) -> Image.Image:
-    """A 16-bit or float grey image, scaled from its own min..max (as DICOM without a VOI is).
-
-    Pillow's ``convert("L")`` would clip every value above 255 to white.
-    """
-    low, high = float(values.min()), float(values.max())
-    grey = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.round(grey * 255).astype(np.uint8), mode="L")

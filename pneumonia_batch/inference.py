@@ -141,16 +141,16 @@ def converted_file(info: ModelInfo) -> Path | None:
 
 def make_runner(info: ModelInfo, runtime: str, batch_size: int):
     """The runtime for this machine ('auto'), or the one asked for."""
+    converted = converted_file(info) if runtime in ("auto", "tflite") else None  # hashes 30 MB: once
+    gpu = gpu_present()
     if runtime == "auto":
-        runtime = "keras" if gpu_present() or converted_file(info) is None else "tflite"
+        runtime = "keras" if gpu or converted is None else "tflite"
     if runtime == "tflite":
-        path = converted_file(info)
-        if path is None:
+        if converted is None:
             raise ModelError(f"no TFLite conversion of {info.path.name}; run "
                              f"'python -m pneumonia_batch convert --model {info.path}'")
-        return TFLiteRunner(path, info.input_scale)
+        return TFLiteRunner(converted, info.input_scale)
     if runtime == "keras":
-        gpu = gpu_present()
         return KerasRunner(info.path, info.input_scale, batch_size, jit=gpu, mixed_precision=gpu)
     raise ValueError(f"unknown runtime {runtime!r}")
 

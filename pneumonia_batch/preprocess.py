@@ -39,6 +39,12 @@ def scale_batch(batch: np.ndarray, input_scale: str) -> np.ndarray:
     raise ValueError(f"unknown input scale {input_scale!r}")
 
 
+def own_range(values: np.ndarray) -> np.ndarray:
+    """Values scaled to [0, 1] from their own min..max: for pixels that carry no display range."""
+    low, high = float(values.min()), float(values.max())
+    return ((values - low) / (high - low) if high > low else np.zeros_like(values)).astype(np.float32)
+
+
 def grey_to_image(grey: np.ndarray) -> Image.Image:
     """Presentation grey in [0, 1] -> 8-bit image, as an 8-bit export would store it."""
     return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")

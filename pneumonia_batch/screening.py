@@ -92,12 +92,12 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
         _defer_arriving(this_run, options.min_age)
         for study in this_run:
-            if any(f.rel not in restored for f in study.files):
+            if _changed(study, restored):
                 _rescore_whole(study, restored)
         summary.timings["discover_s"] = round(time.perf_counter() - started, 3)
         work = [f for s in this_run for f in s.files]
-        log(f"{len(files)} files, {len(studies)} studies, {len(this_run)} to report, "
-            f"{sum(f.status == 'pending' for f in work)} images to score")
+        pending = sum(f.status == "pending" for f in work)
+        log(f"{len(files)} files, {len(studies)} studies, {len(this_run)} to report, {pending} images to score")
 
         study_of = {f.rel: s for s in studies for f in s.files}
 
@@ -121,7 +121,6 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             return instance
 
         scoring = time.perf_counter()
-        pending = sum(f.status == "pending" for f in work)
         ticker = progress(pending) if progress and pending else None
         try:
             score(work, runner, options.batch_size, options.workers, on_batch=scored_batch,
@@ -140,9 +139,10 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             for item in study.files:
                 audit.event("file", file=item.rel, study_id=study.study_id, status=item.status,
                             reason=item.reason, probability=item.probability)
-        previous = state.previous_studies({s.key for s in this_run}) if state else []
-        summary.count(this_run, previous=len(previous))
-        report_records = records + (previous if options.include_previous else [])
+        earlier_keys = reported - {s.key for s in this_run}  # only counted unless asked for
+        previous = state.previous_studies(earlier_keys) if state and options.include_previous else []
+        summary.count(this_run, previous=len(earlier_keys))
+        report_records = records + previous
         if options.export_dir:
             from .export import export_flagged
 
@@ -177,7 +177,12 @@ def _own_output(path: Path, options: ScreenOptions) -> bool:
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:
     """New or changed files, or results a killed run scored but never reported."""
-    return any(f.rel not in restored for f in study.files) or study.key not in reported
+    return _changed(study, restored) or study.key not in reported
+
+
+def _changed(study: discover.Study, restored: set[str]) -> bool:
+    """A file of the study is new, changed, or was not restored from the state."""
+    return any(f.rel not in restored for f in study.files)
 
 
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:

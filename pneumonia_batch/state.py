@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from .dicom import DicomHeader
 from .discover import InputFile, Study
+from .model import sha256_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -77,11 +77,7 @@ def content_identity(item: InputFile) -> str:
     if item.header and item.header.sop_instance_uid:
         return f"sop:{item.header.sop_instance_uid}"
     if item.kind in ("png", "jpeg"):
-        digest = hashlib.sha256()
-        with open(item.path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"sha256:{digest.hexdigest()}"
+        return f"sha256:{sha256_of(item.path)}"
     return ""
 
 
@@ -148,10 +144,10 @@ class State:
         rows = self.db.execute("SELECT study_key FROM studies WHERE root = ?", (self.root,))
         return {key for (key,) in rows}
 
-    def previous_studies(self, exclude: set[str]) -> list[dict]:
-        """Study records of earlier runs under this folder, except ``exclude`` keys."""
+    def previous_studies(self, keys: set[str]) -> list[dict]:
+        """Study records that earlier runs under this folder reported, for ``keys``."""
         rows = self.db.execute("SELECT study_key, record FROM studies WHERE root = ?", (self.root,))
-        return [json.loads(record) for key, record in rows if key not in exclude]
+        return [json.loads(record) for key, record in rows if key in keys]
 
     def record_run(self, run_id: str, counts: dict) -> None:
         with self.db:

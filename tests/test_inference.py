@@ -79,6 +79,7 @@ def test_reduced_resolution_decoding_moves_probabilities_by_less_than_001(keras_
 
 
 def test_short_batches_are_padded_to_the_compiled_shape(keras_runner, full_inputs):
+    assert keras_runner._prepare(full_inputs[:3]).shape[0] == 8  # the one compiled batch size
     whole = keras_runner.predict(full_inputs[:8])
     np.testing.assert_allclose(keras_runner.predict(full_inputs[:3]), whole[:3], atol=1e-5)
 
