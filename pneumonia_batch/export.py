@@ -86,6 +86,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     for study, record in flagged:
         folder = _inside(export_dir, export_dir / study_folder_name(record))
         folder.mkdir(exist_ok=True)
+        known_thumbnails = _thumbnails_of(folder)
         images = []
         scored = study.scored
         for item in study.files:
@@ -109,6 +110,10 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                         entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 if (folder / overlay_name).exists():
                     entry["overlay"] = overlay_name
+                    # Made once, kept in result.json: rebuilding the page each night then reads
+                    # no image, however large the export has grown.
+                    entry["thumbnail"] = (known_thumbnails.get(overlay_name)
+                                          or _thumbnail(folder / overlay_name))
             images.append(entry)
         result = {key: record[key] for key in record if key != "images"}
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
@@ -131,6 +136,16 @@ def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     write_atomic(target, buffer.getvalue())
+
+
+def _thumbnails_of(folder: Path) -> dict[str, str]:
+    """Overlay name -> thumbnail data URI, from the study's earlier result.json."""
+    try:
+        images = json.loads((folder / RESULT_FILE).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {i["overlay"]: i["thumbnail"] for i in images
+            if isinstance(i, dict) and i.get("overlay") and i.get("thumbnail")}
 
 
 def _load_results(export_dir: Path) -> list[dict]:
@@ -166,6 +181,12 @@ def _thumbnail(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _thumbnail_of(folder: Path, image: dict) -> str:
+    """The stored thumbnail; one made now for exports written before thumbnails were stored."""
+    stored = image.get("thumbnail") or ""
+    return stored if stored.startswith("data:image/jpeg;base64,") else _thumbnail(folder / image["overlay"])
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'">
@@ -193,7 +214,7 @@ def render_html(export_dir: Path, results: list[dict]) -> str:
     for r in results:
         pictures = "".join(
             f'<a href="{html.escape(r["folder"])}/{html.escape(i["overlay"])}">'
-            f'<img alt="{html.escape(i["file"])}" src="{_thumbnail(export_dir / r["folder"] / i["overlay"])}"></a>'
+            f'<img alt="{html.escape(i["file"])}" src="{html.escape(_thumbnail_of(export_dir / r["folder"], i))}"></a>'
             for i in r["images"] if i.get("overlay") and (export_dir / r["folder"] / i["overlay"]).is_file())
         cards.append(
             f'<div class="card" data-study="{html.escape(r["study_id"])}">'

@@ -191,6 +191,13 @@ def test_export_is_safe_idempotent_and_only_grows(tmp_path):
     assert len(worklist) == 3  # the study whose file is gone stays listed
     probabilities = [float(r["probability"]) for r in worklist]
     assert probabilities == sorted(probabilities, reverse=True)
+    page = (export / "index.html").read_text()
+    assert page.count('src="data:image/jpeg;base64,') == 3
+    for overlay in export.rglob("overlay_*"):
+        overlay.write_bytes(b"not a picture")  # the nightly rebuild must not decode overlays again
+    result = run(studies, "--out", tmp_path / "r4.csv", *args)
+    assert result.returncode == 0, result.stderr
+    assert (export / "index.html").read_text() == page
 
 
 def test_review_page_in_a_real_browser(tmp_path):
