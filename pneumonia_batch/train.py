@@ -49,8 +49,8 @@ def parse_schedule(text: str) -> list[Phase]:
         if size < 32 or epochs < 1 or lr <= 0:
             raise ValueError(f"schedule entry {part!r} out of range")
         phases.append(Phase(size, epochs, lr))
-    if not phases:
-        raise ValueError("empty schedule")
+    if phases[-1].size != INPUT_SIZE:
+        raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
     return phases
 
 
