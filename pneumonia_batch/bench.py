@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_corpus(data: Path, target: Path, n_files: int, seed: int = 0) -> dict:
-    """About 80 % full-size JPEGs, 13 % uncompressed DICOM, 7 % JPEG 2000 DICOM."""
+    """About 80 % full-size JPEGs, 13 % uncompressed DICOM, 7 % JPEG 2000 DICOM, one study per
+    folder, the kinds shuffled so that every batch mixes them as an archive night would (sorted
+    by kind, the costly JPEG 2000 files would all be decoded before the first batch is out)."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -36,22 +38,24 @@ def build_corpus(data: Path, target: Path, n_files: int, seed: int = 0) -> dict:
     jpegs = sorted((data / "kermany-fullres").rglob("*.jpeg")) + sorted((data / "kermany-val").rglob("*.jpeg"))
     dicoms = {"uncompressed": [data / "dicom" / "RG1_UNCR.dcm", data / "dicom" / "nih-dx-chest-nofinding.dcm"],
               "jpeg2000": [data / "dicom" / "RG1_J2KR.dcm"]}
+    datasets = {kind: [pydicom.dcmread(p) for p in paths] for kind, paths in dicoms.items()}
     counts = {"jpeg": round(n_files * 0.8), "uncompressed": round(n_files * 0.13)}
     counts["jpeg2000"] = n_files - counts["jpeg"] - counts["uncompressed"]
-    for i in range(counts["jpeg"]):
-        source = jpegs[i % len(jpegs)]
-        folder = target / f"kid{i:04d}"
+    kinds = [kind for kind, n in counts.items() for _ in range(n)]
+    rng.shuffle(kinds)
+    made = dict.fromkeys(counts, 0)
+    for position, kind in enumerate(kinds):
+        folder = target / f"study{position:05d}"
         folder.mkdir(parents=True)
-        shutil.copy(source, folder / source.name)
-    for kind in ("uncompressed", "jpeg2000"):
-        datasets = [pydicom.dcmread(p) for p in dicoms[kind]]
-        for i in range(counts[kind]):
-            ds = datasets[int(rng.integers(len(datasets)))]
+        if kind == "jpeg":
+            source = jpegs[made[kind] % len(jpegs)]
+            shutil.copy(source, folder / source.name)
+        else:
+            ds = datasets[kind][int(rng.integers(len(datasets[kind])))]
             ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            folder = target / "archive" / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            ds.save_as(folder / f"{i:04d}.dcm")
+            ds.save_as(folder / f"{kind}.dcm")
+        made[kind] += 1
     return counts
 
 
@@ -106,8 +110,9 @@ def timed_process(args: list[str]) -> tuple[float, float, subprocess.CompletedPr
     return wall, peak, result
 
 
-def model_only(model_path: Path, n_images: int = 96) -> dict[str, float]:
-    """Images per second of each runtime on already-decoded inputs."""
+def model_only(model_path: Path, n_images: int = 320) -> tuple[dict[str, float], dict[str, float]]:
+    """Images per second of each runtime on already-decoded inputs, and CPU ms (all threads)
+    per image."""
     from .inference import KerasRunner, TFLiteRunner, converted_file
 
     info = read_model_info(model_path)
@@ -116,16 +121,17 @@ def model_only(model_path: Path, n_images: int = 96) -> dict[str, float]:
                "keras-xla": lambda: KerasRunner(model_path, info.input_scale, 16, jit=True)}
     if converted_file(info):
         runners["tflite"] = lambda: TFLiteRunner(converted_file(info), info.input_scale)
-    speeds = {}
+    speeds, cpu_ms = {}, {}
     for name, make in runners.items():
         runner = make()
         runner.predict(batch)  # warm-up (and XLA compilation)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(n_images // len(batch)):
             runner.predict(batch)
         speeds[name] = n_images / (time.perf_counter() - started)
+        cpu_ms[name] = (time.process_time() - cpu_started) * 1000 / n_images
         del runner
-    return speeds
+    return speeds, cpu_ms
 
 
 def decode_costs(corpus: Path) -> dict[str, float]:
@@ -135,7 +141,7 @@ def decode_costs(corpus: Path) -> dict[str, float]:
     costs: dict[str, list[float]] = {}
     for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
         kind = "dicom" if path.suffix == ".dcm" else "jpeg"
-        label = path.parent.name if kind == "dicom" else "jpeg"
+        label = path.stem if kind == "dicom" else "jpeg"
         started = time.process_time()
         model_input_from_file(str(path), kind)
         costs.setdefault(label, []).append((time.process_time() - started) * 1000)
@@ -178,18 +184,20 @@ def main(argv=None) -> None:
         n = sum(counts.values())
         print(f"corpus: {n} files {counts}; {os.cpu_count()} cores", flush=True)
 
-        speeds = model_only(args.model)
+        speeds, model_cpu_ms = model_only(args.model)
         for name, speed in speeds.items():
-            print(f"model only, {name:10s}: {speed:6.1f} img/s", flush=True)
+            print(f"model only, {name:10s}: {speed:6.1f} img/s, {model_cpu_ms[name]:5.1f} CPU ms/img", flush=True)
         best_name = max(speeds, key=speeds.get)
 
         decode_ms = decode_costs(corpus)
         print("decode + resize, CPU ms per file: " + ", ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))
-        # Decoding and inference share the cores: if the network keeps every core busy for
-        # 1/best seconds an image, decoding adds decode_ms/cores, whatever the overlap.
+        # Decoding and inference share the cores: however well they overlap, an image costs the
+        # CPU time of both, so the cores cannot turn out more than cores / (model + decode).
         cores = os.cpu_count() or 1
-        ceiling = (1 / speeds[best_name]) / (1 / speeds[best_name] + decode_ms["all"] / 1000 / cores)
-        print(f"steady-state ceiling when both share {cores} cores: {ceiling:.2f} of model-only", flush=True)
+        bound = cores * 1000 / (model_cpu_ms[best_name] + decode_ms["all"])
+        ceiling = min(1.0, bound / speeds[best_name])
+        print(f"CPU-time ceiling with {cores} cores shared: {bound:.1f} img/s = {ceiling:.2f} of model-only",
+              flush=True)
 
         report = Path(tmp) / "report.json"
         wall, peak, _ = timed_process([sys.executable, "screen.py", str(corpus), "--out", str(report),
@@ -207,6 +215,7 @@ def main(argv=None) -> None:
 
         results = {
             "files": counts, "cores": os.cpu_count(), "model_only_img_s": speeds,
+            "model_only_cpu_ms_per_img": model_cpu_ms,
             "decode_cpu_ms_per_file": decode_ms, "shared_cores_ceiling": ceiling,
             "screen_wall_s": wall, "screen_steady_img_s": steady, "screen_runtime": run["runtime"],
             "screen_peak_rss_gb": peak, "seed_wall_s": seed_wall, "seed_peak_rss_gb": seed_peak,
