@@ -140,3 +140,18 @@ def test_imagenet_init_without_weight_file_is_refused():
 def test_bad_schedules_are_refused(text):
     with pytest.raises(ValueError):
         parse_schedule(text)
+
+
+def test_augmentation_never_flips_and_stays_in_range():
+    import tensorflow as tf
+
+    from pneumonia_batch.train import random_affine_and_tone
+
+    image = np.full((224, 224, 3), 50.0, np.float32)
+    image[:, :112] = 200.0  # bright left half
+    tf.random.set_seed(0)
+    outputs = np.stack([random_affine_and_tone(tf.constant(image)).numpy() for _ in range(30)])
+    assert outputs.min() >= 0 and outputs.max() <= 255
+    left, right = outputs[:, 40:184, 20:92].mean(axis=(1, 2, 3)), outputs[:, 40:184, 132:204].mean(axis=(1, 2, 3))
+    assert (left > right + 50).all()  # never mirrored, left to right or otherwise
+    assert np.ptp(right) > 10  # the tone really varies between draws
