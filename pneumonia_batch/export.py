@@ -99,21 +99,27 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                 entry.update(exported_as=None, export_error=exc.strerror or str(exc))
             if item in scored and entry["exported_as"]:
                 overlay_name = f"overlay_{name}.png"
-                if not (folder / overlay_name).exists():  # a rerun does not recompute it
+                overlay_path = folder / overlay_name
+                made_now = False
+                if not overlay_path.exists():  # a rerun does not recompute it
                     if model is None:  # TensorFlow only when an overlay is really needed
                         from .model import load_keras_model
 
                         model = load_keras_model(info.path)
                     try:
-                        _write_overlay(model, info, item, folder / overlay_name)
+                        _write_overlay(model, info, item, overlay_path)
+                        made_now = True
                     except Exception as exc:  # the file changed or vanished since it was scored
                         entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if (folder / overlay_name).exists():
+                if overlay_path.exists():
                     entry["overlay"] = overlay_name
                     # Made once, kept in result.json: rebuilding the page each night then reads
                     # no image, however large the export has grown.
-                    entry["thumbnail"] = (known_thumbnails.get(overlay_name)
-                                          or _thumbnail(folder / overlay_name))
+                    stored = None if made_now else known_thumbnails.get(overlay_name)
+                    try:
+                        entry["thumbnail"] = stored or _thumbnail(overlay_path)
+                    except (OSError, ValueError) as exc:  # a damaged overlay: listed, not fatal
+                        entry["thumbnail_error"] = f"{type(exc).__name__}: {exc}"[:300]
             images.append(entry)
         result = {key: record[key] for key in record if key != "images"}
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
@@ -128,7 +134,7 @@ def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     from .preprocess import RESAMPLE, read_grey_image, to_model_input
 
     # Full resolution, one decode for both the heatmap input and the picture.  Scoring used the
-    # reduced decode: probabilities moved by at most 0.003 when measured, < 0.01 as tested.
+    # reduced decode: probabilities moved by at most 0.0053 when measured, < 0.01 as tested.
     grey, _ = read_grey_image(item.path, item.kind)
     cam = heatmaps(model, to_model_input(grey)[None], info.input_scale)[0]
     grey.thumbnail((512, 512), RESAMPLE)  # aspect kept; the heatmap is stretched to match
@@ -138,14 +144,37 @@ def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     write_atomic(target, buffer.getvalue())
 
 
+THUMBNAIL_PREFIX = "data:image/jpeg;base64,"
+
+
+def _stored_thumbnail(image) -> str | None:
+    value = image.get("thumbnail") if isinstance(image, dict) else None
+    return value if isinstance(value, str) and value.startswith(THUMBNAIL_PREFIX) else None
+
+
 def _thumbnails_of(folder: Path) -> dict[str, str]:
-    """Overlay name -> thumbnail data URI, from the study's earlier result.json."""
+    """Overlay name -> thumbnail data URI, from the study's earlier result.json (which a person
+    may have edited or damaged: anything unexpected is ignored)."""
     try:
-        images = json.loads((folder / RESULT_FILE).read_text())["images"]
-    except (OSError, ValueError, KeyError, TypeError):
+        result = json.loads((folder / RESULT_FILE).read_text())
+    except (OSError, ValueError):
         return {}
-    return {i["overlay"]: i["thumbnail"] for i in images
-            if isinstance(i, dict) and i.get("overlay") and i.get("thumbnail")}
+    images = result.get("images") if isinstance(result, dict) else None
+    if not isinstance(images, list):
+        return {}
+    return {image["overlay"]: thumbnail for image in images
+            if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}
+
+
+def _is_listable(result) -> bool:
+    """A result.json of this export version with every field the worklist and page use."""
+    return (isinstance(result, dict) and result.get("export_version") == 1
+            and isinstance(result.get("images"), list)
+            and all(isinstance(result.get(k), str) for k in ("study_id", "folder"))
+            and all(isinstance(result.get(k), (str, type(None)))
+                    for k in ("patient_id", "accession_number", "study_date"))
+            and all(isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool)
+                    for k in ("probability", "threshold", "n_scored")))
 
 
 def _load_results(export_dir: Path) -> list[dict]:
@@ -155,9 +184,9 @@ def _load_results(export_dir: Path) -> list[dict]:
             result = json.loads(result_file.read_text())
         except (OSError, ValueError):
             continue
-        if result.get("export_version") == 1:
+        if _is_listable(result) and result["folder"] == result_file.parent.name:
             results.append(result)
-    return sorted(results, key=lambda r: (-(r["probability"] or 0), r["folder"]))
+    return sorted(results, key=lambda r: (-r["probability"], r["folder"]))
 
 
 def rebuild_index(export_dir: Path) -> None:
@@ -181,10 +210,21 @@ def _thumbnail(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _thumbnail_of(folder: Path, image: dict) -> str:
-    """The stored thumbnail; one made now for exports written before thumbnails were stored."""
-    stored = image.get("thumbnail") or ""
-    return stored if stored.startswith("data:image/jpeg;base64,") else _thumbnail(folder / image["overlay"])
+def _picture(folder: Path, image) -> str:
+    """One image of a card: its thumbnail linking to the overlay, or a plain link without one."""
+    if not (isinstance(image, dict) and isinstance(image.get("overlay"), str)
+            and isinstance(image.get("file"), str) and (folder / image["overlay"]).is_file()):
+        return ""
+    thumbnail = _stored_thumbnail(image)
+    if thumbnail is None:  # exported before thumbnails were kept: made at each rebuild
+        try:
+            thumbnail = _thumbnail(folder / image["overlay"])
+        except (OSError, ValueError):
+            thumbnail = None
+    link = f'{html.escape(folder.name)}/{html.escape(image["overlay"])}'
+    if thumbnail is None:
+        return f'<a href="{link}">{html.escape(image["file"])}</a> '
+    return f'<a href="{link}"><img alt="{html.escape(image["file"])}" src="{html.escape(thumbnail)}"></a>'
 
 
 PAGE = """<!DOCTYPE html>
@@ -212,10 +252,7 @@ Highest probability first.</p>
 def render_html(export_dir: Path, results: list[dict]) -> str:
     cards = []
     for r in results:
-        pictures = "".join(
-            f'<a href="{html.escape(r["folder"])}/{html.escape(i["overlay"])}">'
-            f'<img alt="{html.escape(i["file"])}" src="{html.escape(_thumbnail_of(export_dir / r["folder"], i))}"></a>'
-            for i in r["images"] if i.get("overlay") and (export_dir / r["folder"] / i["overlay"]).is_file())
+        pictures = "".join(_picture(export_dir / r["folder"], i) for i in r["images"])
         cards.append(
             f'<div class="card" data-study="{html.escape(r["study_id"])}">'
             f'<h2>{html.escape(r["study_id"])}</h2>'

@@ -200,6 +200,40 @@ def test_export_is_safe_idempotent_and_only_grows(tmp_path):
     assert (export / "index.html").read_text() == page
 
 
+def test_damaged_result_files_and_overlays_never_stop_the_export(tmp_path):
+    """result.json files are for people too: one edited or damaged by hand, or an overlay that no
+    longer reads, costs that study its picture at most, never the run, the report or other studies."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for index in range(3):
+        save(make_dataset(chest_pixels(), patient_id=f"P{index}", WindowCenter=2048, WindowWidth=4096),
+             studies / f"{index}.dcm")
+    export = tmp_path / "review"
+    args = ["--threshold", "0", "--export-flagged", export]
+    assert run(studies, "--out", tmp_path / "r1.csv", *args).returncode == 0
+    folders = {p.name.split("_")[0]: p for p in export.iterdir() if p.is_dir()}
+    (folders["P0"] / "result.json").write_text('{"images": 5, "export_version": 1}')
+    damaged = json.loads((folders["P1"] / "result.json").read_text())
+    for image in damaged["images"]:
+        image["thumbnail"] = 7
+    (folders["P1"] / "result.json").write_text(json.dumps(damaged))
+    for overlay in folders["P1"].glob("overlay_*"):
+        overlay.write_bytes(b"not a picture")
+    (folders["P2"] / "result.json").write_text('{"export_version": 1, "images": null, "probability": "high"}')
+    (studies / "2.dcm").unlink()  # so P2 is not exported again: its damaged file stays as it is
+
+    result = run(studies, "--out", tmp_path / "r2.csv", *args)
+    assert result.returncode == 0, result.stderr
+    assert len(rows(tmp_path / "r2.csv")) == 2
+    repaired = json.loads((folders["P0"] / "result.json").read_text())
+    assert repaired["images"][0]["thumbnail"].startswith("data:image/jpeg;base64,")
+    (image,) = json.loads((folders["P1"] / "result.json").read_text())["images"]
+    assert "thumbnail" not in image and image["thumbnail_error"].startswith("UnidentifiedImageError")
+    page = (export / "index.html").read_text()
+    assert page.count('class="card"') == 2  # P2's unreadable result is left out, not fatal
+    assert page.count("<img ") == 1 and f'href="{folders["P1"].name}/{image["overlay"]}"' in page
+
+
 def test_review_page_in_a_real_browser(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
