@@ -110,6 +110,22 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child)] + descendants(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has already ended
+
+
 def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
     studies = make_studies(tmp_path / "studies", 24)
     state = tmp_path / "state.db"
@@ -121,8 +137,14 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
         if state.exists() and 0 < len(image_rows(state)) < 24:
             break
         time.sleep(0.05)
+    workers = descendants(process.pid)
+    assert workers, "the decode workers were not running"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    gone_by = time.time() + 10
+    while time.time() < gone_by and any(alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), "decode workers outlived the killed run"
     done_before = len(image_rows(state))
     assert 0 < done_before < 24, "the run was not caught half-way"
     assert not (tmp_path / "r1.csv").exists()
