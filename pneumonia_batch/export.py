@@ -28,6 +28,7 @@ from .model import ModelInfo
 from .report import safe_cell
 
 RESULT_FILE = "result.json"
+THUMBNAIL_PREFIX = "data:image/jpeg;base64,"
 RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                           *(f"LPT{i}" for i in range(1, 10))}
 WORKLIST_COLUMNS = ["study_id", "patient_id", "accession_number", "study_date", "probability",
@@ -144,9 +145,6 @@ def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     write_atomic(target, buffer.getvalue())
 
 
-THUMBNAIL_PREFIX = "data:image/jpeg;base64,"
-
-
 def _stored_thumbnail(image) -> str | None:
     value = image.get("thumbnail") if isinstance(image, dict) else None
     return value if isinstance(value, str) and value.startswith(THUMBNAIL_PREFIX) else None
@@ -207,7 +205,7 @@ def _thumbnail(path: Path) -> str:
         image.thumbnail((320, 320))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return THUMBNAIL_PREFIX + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _picture(folder: Path, image) -> str:
