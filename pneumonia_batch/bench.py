@@ -60,6 +60,19 @@ def build_corpus(data: Path, target: Path, n_files: int, seed: int = 0) -> dict:
     return counts
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants, from /proc (Linux)."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                for child in handle.read().split():
+                    pids += process_tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
 class PeakRSS:
     """Peak resident memory of a process and all its descendants, sampled from /proc."""
 
@@ -68,22 +81,11 @@ class PeakRSS:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _tree(self, pid: int) -> list[int]:
-        pids = [pid]
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as handle:
-                    for child in handle.read().split():
-                        pids += self._tree(int(child))
-        except OSError:
-            pass
-        return pids
-
     def _run(self):
         page = os.sysconf("SC_PAGE_SIZE")
         while not self._stop.is_set():
             total = 0
-            for pid in self._tree(self.pid):
+            for pid in process_tree(self.pid):
                 try:
                     with open(f"/proc/{pid}/statm") as handle:
                         total += int(handle.read().split()[1]) * page

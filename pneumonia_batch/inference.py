@@ -141,10 +141,12 @@ def converted_file(info: ModelInfo) -> Path | None:
 
 def make_runner(info: ModelInfo, runtime: str, batch_size: int):
     """The runtime for this machine ('auto'), or the one asked for."""
-    converted = converted_file(info) if runtime in ("auto", "tflite") else None  # hashes 30 MB: once
     gpu = gpu_present()
+    converted = None
+    if runtime == "tflite" or (runtime == "auto" and not gpu):  # hashes 30 MB: once, and only here
+        converted = converted_file(info)
     if runtime == "auto":
-        runtime = "keras" if gpu or converted is None else "tflite"
+        runtime = "tflite" if converted else "keras"
     if runtime == "tflite":
         if converted is None:
             raise ModelError(f"no TFLite conversion of {info.path.name}; run "

@@ -86,3 +86,15 @@ def test_short_batches_are_padded_to_the_compiled_shape(keras_runner, full_input
 
 def test_auto_runtime_on_cpu_is_tflite(info):
     assert make_runner(info, "auto", 16).name == "tflite"
+
+
+def test_auto_runtime_on_a_gpu_is_keras_and_never_reads_the_tflite_file(info, monkeypatch):
+    from pneumonia_batch import inference
+
+    def no_hashing(_):
+        raise AssertionError("the TFLite file was hashed for a run that uses Keras")
+
+    monkeypatch.setattr(inference, "gpu_present", lambda: True)
+    monkeypatch.setattr(inference, "converted_file", no_hashing)
+    monkeypatch.setattr(inference, "KerasRunner", lambda *args, **kwargs: ("keras", kwargs))
+    assert make_runner(info, "auto", 16) == ("keras", {"jit": True, "mixed_precision": True})

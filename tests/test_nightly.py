@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumonia_batch.bench import process_tree
 from pneumonia_batch.state import StateLock
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 from tests.test_cli import NORMAL_JPEG, PNEUMONIA_JPEG, ROOT, rows, run
@@ -110,14 +111,6 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
-def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found += [int(child)] + descendants(int(child))
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -137,7 +130,7 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
         if state.exists() and 0 < len(image_rows(state)) < 24:
             break
         time.sleep(0.05)
-    workers = descendants(process.pid)
+    workers = process_tree(process.pid)[1:]
     assert workers, "the decode workers were not running"
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -220,6 +213,26 @@ def test_export_is_safe_idempotent_and_only_grows(tmp_path):
     result = run(studies, "--out", tmp_path / "r4.csv", *args)
     assert result.returncode == 0, result.stderr
     assert (export / "index.html").read_text() == page
+
+
+def test_stored_thumbnails_are_reused_until_their_overlay_is_rebuilt(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    export = tmp_path / "review"
+    args = ["--threshold", "0", "--export-flagged", export]
+    assert run(studies, "--out", tmp_path / "r1.csv", *args).returncode == 0
+    planted = "data:image/jpeg;base64,planted"  # a thumbnail no overlay would make
+    kept, rebuilt = sorted(export.glob("*/result.json"))
+    for result_file in (kept, rebuilt):
+        result = json.loads(result_file.read_text())
+        result["images"][0]["thumbnail"] = planted
+        result_file.write_text(json.dumps(result))
+    overlay = rebuilt.parent / json.loads(rebuilt.read_text())["images"][0]["overlay"]
+    overlay.unlink()
+    assert run(studies, "--out", tmp_path / "r2.csv", *args).returncode == 0
+    assert json.loads(kept.read_text())["images"][0]["thumbnail"] == planted  # reused, not remade
+    assert overlay.is_file()
+    fresh = json.loads(rebuilt.read_text())["images"][0]["thumbnail"]
+    assert fresh != planted and fresh.startswith("data:image/jpeg;base64,")
 
 
 def test_damaged_result_files_and_overlays_never_stop_the_export(tmp_path):
