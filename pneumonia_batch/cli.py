@@ -71,24 +71,33 @@ def main() -> None:
               help="Checkpoint folder (default runs/<model name>).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--limit", type=int, help="Use at most this many images per class (smoke runs).")
+@click.option("--from-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Start from this trained model's weights (fine-tuning); its training record is "
+                   "kept in the new metadata.")
+@click.option("--average-last", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Save the mean of the last N epochs' weights (the final phase then runs at its "
+                   "constant learning rate, without early stopping); 0 keeps the 224 px epoch "
+                   "with the lowest validation loss.")
 def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_size, val_fraction,
-          seed, patience, target_sensitivity, run_dir, resume, limit):
+          seed, patience, target_sensitivity, run_dir, resume, limit, from_model, average_last):
     """Train the DenseNet-121 classifier on DATA_DIR/{train/}{NORMAL,PNEUMONIA}.
 
     \b
     Example:
       python -m pneumonia_batch train ../shared/data/kermany224 --out weights/densenet121_pneumonia.keras
     """
-    from .train import parse_schedule, train as run_training
+    from .train import check_options, parse_schedule, train as run_training
 
     try:
         phases = parse_schedule(schedule)
+        check_options(phases, init, from_model, average_last)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--schedule")
+        raise click.UsageError(str(exc))
     run_training(data_dir, out, phases, init=init, imagenet_weights=imagenet_weights,
                  frozen_epochs=frozen_epochs, batch_size=batch_size, val_fraction=val_fraction,
                  seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
-                 target_sensitivity=target_sensitivity, log=lambda m: click.echo(m, err=True))
+                 target_sensitivity=target_sensitivity, from_model=from_model,
+                 average_last=average_last, log=lambda m: click.echo(m, err=True))
 
 
 @main.command()

@@ -6,6 +6,12 @@ trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:
 is fast, and always ends at the screening resolution (224), where the
 checkpoint is chosen.  Every epoch leaves a checkpoint and a progress file in
 the run folder, so ``--resume`` continues after a crash or a kill.
+
+With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
+keeps every epoch's weights, and the model saved is the mean of its last N
+epochs with BatchNorm statistics recomputed for those mean weights (stochastic
+weight averaging, Izmailov et al. 2018).  ``from_model`` starts the run from an
+existing model's weights, so a shipped model can be fine-tuned further.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from . import __version__
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
-                    metadata_path, sha256_of)
+                    load_keras_model, metadata_path, sha256_of)
 
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.
@@ -52,6 +58,18 @@ def parse_schedule(text: str) -> list[Phase]:
     if phases[-1].size != INPUT_SIZE:
         raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
     return phases
+
+
+def check_options(schedule: list[Phase], init: str, from_model: Path | None,
+                  average_last: int) -> None:
+    """Refuse option combinations that cannot train, before any data is read."""
+    if schedule[-1].size != INPUT_SIZE:
+        raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
+    if average_last > schedule[-1].epochs:
+        raise ValueError(f"--average-last {average_last} exceeds the {schedule[-1].epochs} epochs "
+                         "of the schedule's final phase")
+    if from_model is not None and init != "random":
+        raise ValueError("--from-model takes its weights from that model; leave --init at random")
 
 
 def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
@@ -161,6 +179,9 @@ class _RunFolder:
         self.best = self.root / "best.weights.h5"
         self.progress = self.root / "progress.json"
 
+    def epoch_weights(self, epoch: int) -> Path:
+        return self.root / f"epoch-{epoch:03d}.weights.h5"
+
     def load_progress(self) -> dict:
         if self.progress.is_file():
             return json.loads(self.progress.read_text())
@@ -174,8 +195,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
           imagenet_weights: Path | None = None, frozen_epochs: int = 2, batch_size: int = 16,
           val_fraction: float = 0.1, seed: int = 0, run_dir: Path | None = None,
           resume: bool = False, patience: int = 3, limit: int | None = None,
-          target_sensitivity: float = 0.97, log=print):
-    """Train, keep the best 224-px checkpoint, save it with metadata and calibrate it.
+          target_sensitivity: float = 0.97, from_model: Path | None = None,
+          average_last: int = 0, log=print):
+    """Train, keep the best 224-px checkpoint (or the mean of the last ``average_last``
+    epochs), save it with metadata and calibrate it.
 
     Returns the saved model (in memory) and its metadata.
     """
@@ -183,8 +206,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     from .evaluate import calibrate_model
 
-    if schedule[-1].size != INPUT_SIZE:
-        raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
+    check_options(schedule, init, from_model, average_last)
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
@@ -201,9 +223,13 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
 
     model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
+    started_from = _started_from(from_model) if from_model is not None else None
     if resume and run.last.is_file():
         model.load_weights(run.last)
         log(f"resumed from {run.last} after epoch {progress['completed_epochs']}")
+    elif from_model is not None:
+        model.set_weights(load_keras_model(from_model).get_weights())
+        log(f"starting from the weights of {from_model}")
 
     epoch_start = 0
     for index, phase in enumerate(schedule):
@@ -212,6 +238,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         if progress["completed_epochs"] >= epoch_end:
             epoch_start = epoch_end
             continue
+        averaging = is_final_phase and average_last > 0
         _set_trainable(model, phase, init)
         model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
                       loss="sparse_categorical_crossentropy",
@@ -219,12 +246,14 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + epoch_start)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
-        callbacks = [
-            keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-6),
-            _ProgressCallback(run, progress, phase, log),
-        ]
-        if is_final_phase:
+        callbacks = [_ProgressCallback(run, progress, phase, keep_each_epoch=averaging)]
+        if not averaging:  # weight averaging wants every epoch, at one learning rate
+            callbacks += [
+                keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1,
+                                                  min_lr=1e-6),
+            ]
+        if is_final_phase and not averaging:
             # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
             # noise between epochs, while the loss also tells calibrated checkpoints from ones
             # that push most pneumonia cases far below 0.5.
@@ -240,7 +269,20 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         epoch_start = epoch_end
 
     final = build_model(INPUT_SIZE, init="random", seed=seed)
-    final.load_weights(run.best if run.best.is_file() else run.last)
+    if average_last:
+        last_epoch = progress["completed_epochs"]
+        averaged = list(range(last_epoch - average_last + 1, last_epoch + 1))
+        final.set_weights(mean_weights(final, [run.epoch_weights(e) for e in averaged]))
+        log(f"averaged the weights of epochs {averaged[0]}-{averaged[-1]}; "
+            "recomputing BatchNorm statistics over the training images")
+        recompute_batchnorm_statistics(final, image_dataset(
+            train_items, INPUT_SIZE, batch_size, augment=True, seed=seed))
+        checkpoint = (f"mean of the weights of epochs {averaged[0]}-{averaged[-1]} (224 px, constant "
+                      "learning rate), BatchNorm statistics recomputed over the augmented training "
+                      "images")
+    else:
+        final.load_weights(run.best if run.best.is_file() else run.last)
+        checkpoint = "lowest validation loss at 224 px" if run.best.is_file() else "last epoch"
     final.save(out)
     history_csv, curves_png = _write_history(out, progress["history"])
     metadata = {
@@ -272,7 +314,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             "class_weights": {CLASS_NAMES[k]: round(v, 4) for k, v in weights.items()},
             "augmentation": AUGMENTATION,
             "epochs_run": progress["completed_epochs"],
-            "checkpoint": "lowest validation loss at 224 px" if run.best.is_file() else "last epoch",
+            "checkpoint": checkpoint,
+            "started_from": started_from,
             "history_csv": history_csv.name,
             "curves_png": curves_png.name,
             "limit_per_class": limit,
@@ -285,6 +328,60 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
 
 
+def _started_from(model_path: Path) -> dict:
+    """Which model a fine-tuning run started from, with that model's own training record."""
+    model_path = Path(model_path)
+    meta_file = metadata_path(model_path)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return {"model": model_path.name, "sha256": sha256_of(model_path),
+            "training": meta.get("training"), "validation": meta.get("validation")}
+
+
+def mean_weights(model, weight_files: list[Path]) -> list:
+    """The element-wise mean of several checkpoints of ``model``'s architecture."""
+    import numpy as np
+
+    missing = [str(f) for f in weight_files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"weights to average are missing: {', '.join(missing)}")
+    total = None
+    for weight_file in weight_files:
+        model.load_weights(weight_file)
+        arrays = [np.asarray(w, dtype=np.float64) for w in model.get_weights()]
+        total = arrays if total is None else [t + a for t, a in zip(total, arrays)]
+    return [(t / len(weight_files)).astype(np.float32) for t in total]
+
+
+def recompute_batchnorm_statistics(model, dataset) -> None:
+    """Set every BatchNorm layer's moving mean and variance to their means over ``dataset``.
+
+    Averaged weights come with moving statistics that belong to none of the
+    averaged epochs.  One pass in training mode, with each layer's momentum set
+    to (k-1)/k at batch k, turns the moving average into a plain mean over all
+    batches.  Eager calls, so the momentum is read at every batch.
+    """
+    import keras
+
+    layers = [layer for layer in _all_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for k, (images, _) in enumerate(dataset, start=1):
+            for layer in layers:
+                layer.momentum = (k - 1) / k
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
 def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:
     taken = []
     for label in range(len(CLASS_NAMES)):
@@ -292,8 +389,9 @@ def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:
     return taken
 
 
-def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, log):
-    """A Keras callback saving the last weights and the history after every epoch."""
+def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, keep_each_epoch: bool):
+    """A Keras callback saving the last weights and the history after every epoch
+    (and each epoch's own weights, when they are to be averaged)."""
     import keras
 
     class ProgressCallback(keras.callbacks.Callback):
@@ -303,6 +401,8 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, log):
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.model.save_weights(run.last)
+            if keep_each_epoch:
+                self.model.save_weights(run.epoch_weights(epoch + 1))
             progress["history"].append(row)
             progress["completed_epochs"] = epoch + 1
             if phase.size == INPUT_SIZE and row.get("val_loss") is not None:

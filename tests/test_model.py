@@ -160,3 +160,60 @@ def test_augmentation_never_flips_and_stays_in_range():
     for other in (quadrant(slice(30, 82), slice(142, 194)), quadrant(slice(142, 194), slice(30, 82))):
         assert (top_left > other + 50).all()  # never mirrored left-right or top-bottom
     assert np.ptp(quadrant(slice(142, 194), slice(142, 194))) > 10  # the tone really varies
+
+
+def test_fine_tuning_with_weight_averaging(tiny_training, tmp_path):
+    """Starts from a saved model; the model saved is the mean of the last epochs' weights."""
+    import keras
+
+    from pneumonia_batch.train import train
+
+    start, _, _ = tiny_training
+    out, run_dir = tmp_path / "averaged.keras", tmp_path / "run"
+    train(KERMANY, out, parse_schedule("224:2:1e-3"), batch_size=4, limit=4, run_dir=run_dir,
+          from_model=start, average_last=2, log=lambda m: None)
+    saved = json.loads(metadata_path(out).read_text())["training"]
+    assert saved["started_from"]["sha256"] == read_model_info(start).sha256
+    assert saved["started_from"]["training"]["schedule"][0]["size"] == 32  # the start's own record
+    assert saved["checkpoint"].startswith("mean of the weights of epochs 1-2")
+    history = json.loads((run_dir / "progress.json").read_text())["history"]
+    assert [row["learning_rate"] for row in history] == pytest.approx([1e-3, 1e-3])  # constant
+
+    epochs = [build_model(224) for _ in range(2)]
+    for epoch, model in enumerate(epochs, start=1):
+        model.load_weights(run_dir / f"epoch-{epoch:03d}.weights.h5")
+    averaged = keras.models.load_model(out, safe_mode=True)
+    kernels = [m.get_layer("head_dense").get_weights()[0] for m in epochs]
+    assert not np.allclose(kernels[0], kernels[1])  # the two epochs really differ
+    np.testing.assert_allclose(averaged.get_layer("head_dense").get_weights()[0],
+                               (kernels[0] + kernels[1]) / 2, atol=1e-6)
+
+
+def test_batchnorm_statistics_become_means_over_the_data():
+    import keras
+
+    from pneumonia_batch.train import recompute_batchnorm_statistics
+
+    inputs = keras.Input((3,))
+    outputs = keras.layers.BatchNormalization(momentum=0.99)(keras.layers.Dense(2, use_bias=False)(inputs))
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=k, scale=1 + k, size=(8, 3)).astype(np.float32) for k in range(5)]
+    recompute_batchnorm_statistics(model, [(b, None) for b in batches])
+    features = [b @ model.layers[1].get_weights()[0] for b in batches]
+    bn = model.layers[2]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.concatenate(features).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean([f.var(axis=0) for f in features], axis=0),
+                               rtol=1e-4)
+    assert bn.momentum == 0.99  # restored for any later training
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--schedule", "96:2,128:1"], "must end at the screening resolution"),
+    (["--schedule", "224:2", "--average-last", "3"], "exceeds the 2 epochs"),
+    (["--init", "imagenet", "--from-model", "weights/densenet121_pneumonia.keras"], "--from-model"),
+])
+def test_inconsistent_training_options_are_usage_errors(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path), *args,
+                             "--out", str(tmp_path / "m.keras")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
