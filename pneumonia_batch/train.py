@@ -72,6 +72,13 @@ def check_options(schedule: list[Phase], init: str, from_model: Path | None,
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
 
 
+def check_output(out: Path, from_model: Path | None) -> None:
+    """The model a run starts from, and its history, must survive the run (and its resumes)."""
+    if from_model is not None and Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
+        raise ValueError("--out would overwrite the --from-model model and its history; write the "
+                         "fine-tuned model elsewhere")
+
+
 def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
                   augment: bool, seed: int):
     """tf.data: decode to 224x224 RGB, optionally augment, resize to ``size``, batch."""
@@ -207,6 +214,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     from .evaluate import calibrate_model
 
     check_options(schedule, init, from_model, average_last)
+    check_output(out, from_model)
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
@@ -223,7 +231,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
 
     model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
-    started_from = _started_from(from_model) if from_model is not None else None
+    if from_model is not None and "started_from" not in progress:
+        progress["started_from"] = _started_from(from_model)
     if resume and run.last.is_file():
         model.load_weights(run.last)
         log(f"resumed from {run.last} after epoch {progress['completed_epochs']}")
@@ -246,20 +255,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + epoch_start)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
-        callbacks = [_ProgressCallback(run, progress, phase, keep_each_epoch=averaging)]
-        if not averaging:  # weight averaging wants every epoch, at one learning rate
-            callbacks += [
-                keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
-                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1,
-                                                  min_lr=1e-6),
-            ]
-        if is_final_phase and not averaging:
-            # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
-            # noise between epochs, while the loss also tells calibrated checkpoints from ones
-            # that push most pneumonia cases far below 0.5.
-            callbacks.append(keras.callbacks.ModelCheckpoint(
-                run.best, monitor="val_loss", mode="min", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=progress.get("best_val_loss")))
+        callbacks = _callbacks(run, progress, phase, is_final_phase, averaging, patience)
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
             f"{max(epoch_start, progress['completed_epochs']) + 1}-{epoch_end}, lr {phase.learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
@@ -273,6 +269,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         last_epoch = progress["completed_epochs"]
         averaged = list(range(last_epoch - average_last + 1, last_epoch + 1))
         final.set_weights(mean_weights(final, [run.epoch_weights(e) for e in averaged]))
+        _set_trainable(final, schedule[-1], init)
         log(f"averaged the weights of epochs {averaged[0]}-{averaged[-1]}; "
             "recomputing BatchNorm statistics over the training images")
         recompute_batchnorm_statistics(final, image_dataset(
@@ -315,7 +312,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             "augmentation": AUGMENTATION,
             "epochs_run": progress["completed_epochs"],
             "checkpoint": checkpoint,
-            "started_from": started_from,
+            "started_from": progress.get("started_from"),
             "history_csv": history_csv.name,
             "curves_png": curves_png.name,
             "limit_per_class": limit,
@@ -326,6 +323,29 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     }
     write_json_atomic(metadata_path(out), metadata)
     return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
+
+
+def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bool, averaging: bool,
+               patience: int) -> list:
+    """The Keras callbacks of one phase.  The progress callback comes after the
+    plateau callback, so the history records each epoch's learning rate after any cut."""
+    import keras
+
+    callbacks = []
+    if not averaging:  # weight averaging wants every epoch, at one learning rate
+        callbacks += [
+            keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-6),
+        ]
+    callbacks.append(_ProgressCallback(run, progress, phase, keep_each_epoch=averaging))
+    if is_final_phase and not averaging:
+        # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
+        # noise between epochs, while the loss also tells calibrated checkpoints from ones
+        # that push most pneumonia cases far below 0.5.
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            run.best, monitor="val_loss", mode="min", save_best_only=True, save_weights_only=True,
+            initial_value_threshold=progress.get("best_val_loss")))
+    return callbacks
 
 
 def _started_from(model_path: Path) -> dict:
@@ -357,19 +377,23 @@ def recompute_batchnorm_statistics(model, dataset) -> None:
 
     Averaged weights come with moving statistics that belong to none of the
     averaged epochs.  One pass in training mode, with each layer's momentum set
-    to (k-1)/k at batch k, turns the moving average into a plain mean over all
-    batches.  Eager calls, so the momentum is read at every batch.
+    to seen / (seen + batch size), turns the moving average into a mean over all
+    images.  Eager calls, so the momentum is read at every batch.  Layers that
+    are not trainable (a frozen ImageNet stem) run in inference mode and keep theirs.
     """
     import keras
 
     layers = [layer for layer in _all_layers(model)
               if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]
+    seen = 0
     try:
-        for k, (images, _) in enumerate(dataset, start=1):
+        for images, _ in dataset:
+            batch = int(images.shape[0])
             for layer in layers:
-                layer.momentum = (k - 1) / k
+                layer.momentum = seen / (seen + batch)
             model(images, training=True)
+            seen += batch
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
