@@ -86,12 +86,11 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
     Example:
       python -m pneumonia_batch train ../shared/data/kermany224 --out weights/densenet121_pneumonia.keras
     """
-    from .train import check_options, check_output, parse_schedule, train as run_training
+    from .train import check_options, parse_schedule, train as run_training
 
     try:
         phases = parse_schedule(schedule)
-        check_options(phases, init, from_model, average_last)
-        check_output(out, from_model)
+        check_options(phases, init, out, from_model, average_last)
     except ValueError as exc:
         raise click.UsageError(str(exc))
     run_training(data_dir, out, phases, init=init, imagenet_weights=imagenet_weights,

@@ -28,7 +28,7 @@ from . import __version__
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
-                    load_keras_model, metadata_path, sha256_of)
+                    metadata_path, sha256_of)
 
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.
@@ -60,7 +60,7 @@ def parse_schedule(text: str) -> list[Phase]:
     return phases
 
 
-def check_options(schedule: list[Phase], init: str, from_model: Path | None,
+def check_options(schedule: list[Phase], init: str, out: Path, from_model: Path | None,
                   average_last: int) -> None:
     """Refuse option combinations that cannot train, before any data is read."""
     if schedule[-1].size != INPUT_SIZE:
@@ -68,13 +68,12 @@ def check_options(schedule: list[Phase], init: str, from_model: Path | None,
     if average_last > schedule[-1].epochs:
         raise ValueError(f"--average-last {average_last} exceeds the {schedule[-1].epochs} epochs "
                          "of the schedule's final phase")
-    if from_model is not None and init != "random":
+    if from_model is None:
+        return
+    if init != "random":
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
-
-
-def check_output(out: Path, from_model: Path | None) -> None:
-    """The model a run starts from, and its history, must survive the run (and its resumes)."""
-    if from_model is not None and Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
+    # the start model and its history must survive the run and its resumes
+    if Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
         raise ValueError("--out would overwrite the --from-model model and its history; write the "
                          "fine-tuned model elsewhere")
 
@@ -213,8 +212,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     from .evaluate import calibrate_model
 
-    check_options(schedule, init, from_model, average_last)
-    check_output(out, from_model)
+    check_options(schedule, init, out, from_model, average_last)
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
@@ -237,7 +235,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         model.load_weights(run.last)
         log(f"resumed from {run.last} after epoch {progress['completed_epochs']}")
     elif from_model is not None:
-        model.set_weights(load_keras_model(from_model).get_weights())
+        model.load_weights(from_model)
         log(f"starting from the weights of {from_model}")
 
     epoch_start = 0
@@ -349,11 +347,15 @@ def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bo
 
 
 def _started_from(model_path: Path) -> dict:
-    """Which model a fine-tuning run started from, with that model's own training record."""
+    """Which model a fine-tuning run started from, with that model's own training record
+    (none when its metadata is missing or pins another file)."""
     model_path = Path(model_path)
+    sha256 = sha256_of(model_path)
     meta_file = metadata_path(model_path)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return {"model": model_path.name, "sha256": sha256_of(model_path),
+    if meta.get("sha256") != sha256:
+        meta = {}
+    return {"model": model_path.name, "sha256": sha256,
             "training": meta.get("training"), "validation": meta.get("validation")}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info
+from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info, sha256_of
 from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, parse_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,10 +177,12 @@ def test_fine_tuning_with_weight_averaging(tiny_training, tmp_path):
     assert saved["started_from"]["training"]["schedule"][0]["size"] == 32  # the start's own record
     assert saved["checkpoint"].startswith("mean of the weights of epochs 2-3")
 
-    epochs = [build_model(224) for _ in range(3)]
-    for epoch, model in enumerate(epochs, start=1):
-        model.load_weights(run_dir / f"epoch-{epoch:03d}.weights.h5")
-    kernels = [m.get_layer("head_dense").get_weights()[0] for m in epochs]
+    reader = build_model(224)
+    kernels, bn_means = [], []
+    for epoch in (1, 2, 3):
+        reader.load_weights(run_dir / f"epoch-{epoch:03d}.weights.h5")
+        kernels.append(reader.get_layer("head_dense").get_weights()[0])
+        bn_means.append(reader.get_layer("head_bn").moving_mean.numpy())
     # two Adam steps at 1e-3 move a weight by a few thousandths; a fresh initialisation is far off
     start_kernel = start_model.get_layer("head_dense").get_weights()[0]
     assert np.abs(kernels[0] - start_kernel).max() < 0.02
@@ -188,11 +190,28 @@ def test_fine_tuning_with_weight_averaging(tiny_training, tmp_path):
     averaged = keras.models.load_model(out, safe_mode=True)
     np.testing.assert_allclose(averaged.get_layer("head_dense").get_weights()[0],
                                (kernels[1] + kernels[2]) / 2, atol=1e-6)
+    # BatchNorm statistics are recomputed, not averaged: with momentum 0.99 a few steps barely move
+    # the epochs' moving means, while one pass over the data sets them to the data's own mean
+    epochs_mean = (bn_means[1] + bn_means[2]) / 2
+    assert np.abs(averaged.get_layer("head_bn").moving_mean.numpy() - epochs_mean).max() > 0.1
 
 
-def test_averaging_phase_keeps_its_learning_rate_and_every_epoch(tmp_path):
-    import keras
+def test_start_model_record_needs_matching_metadata(tiny_training, tmp_path):
+    from pneumonia_batch.train import _started_from
 
+    start, _, _ = tiny_training
+    copy = tmp_path / "start.keras"
+    shutil.copy(start, copy)
+    shutil.copy(metadata_path(start), metadata_path(copy))
+    assert _started_from(copy)["training"]["n_train"] == 8
+    with open(copy, "ab") as handle:  # now the metadata describes another file
+        handle.write(b"\0")
+    record = _started_from(copy)
+    assert record["sha256"] == sha256_of(copy)
+    assert record["training"] is None and record["validation"] is None
+
+
+def test_averaging_phase_has_no_early_stop_and_no_learning_rate_cut(tmp_path):
     from pneumonia_batch.train import _callbacks, _RunFolder
 
     run, phase = _RunFolder(tmp_path), Phase(224, 4, 1e-4)
@@ -211,15 +230,20 @@ def test_batchnorm_statistics_become_means_over_the_data():
     from pneumonia_batch.train import recompute_batchnorm_statistics
 
     inputs = keras.Input((3,))
-    outputs = keras.layers.BatchNormalization(momentum=0.99)(keras.layers.Dense(2, use_bias=False)(inputs))
+    frozen = keras.layers.BatchNormalization(trainable=False, name="frozen")  # e.g. an ImageNet stem
+    outputs = keras.layers.BatchNormalization(momentum=0.99)(keras.layers.Dense(2, use_bias=False)(frozen(inputs)))
     model = keras.Model(inputs, outputs)
+    frozen.moving_mean.assign([1.0, 2.0, 3.0])
     rng = np.random.default_rng(0)
     # a short last batch, as when the images do not fill it: it weighs by its size
     batches = [rng.normal(loc=k, scale=1 + k, size=(n, 3)).astype(np.float32)
                for k, n in enumerate([8, 8, 8, 8, 3])]
     recompute_batchnorm_statistics(model, [(b, None) for b in batches])
-    features = [b @ model.layers[1].get_weights()[0] for b in batches]
-    bn = model.layers[2]
+    # the frozen layer ran in inference mode: x -> (x - mean) / sqrt(1 + eps), statistics kept
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), [1.0, 2.0, 3.0])
+    normalised = [(b - [1.0, 2.0, 3.0]) / np.sqrt(1 + frozen.epsilon) for b in batches]
+    features = [x @ model.layers[2].get_weights()[0] for x in normalised]
+    bn = model.layers[3]
     sizes = [len(f) for f in features]
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.concatenate(features).mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(),
