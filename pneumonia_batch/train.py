@@ -250,16 +250,18 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
                       loss="sparse_categorical_crossentropy",
                       metrics=["accuracy", _pneumonia_auc(keras)])
+        first_epoch = max(epoch_start, progress["completed_epochs"])
+        # seeded by the first epoch to run, so a resumed run does not replay epoch 1's shuffle
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
-                                 seed=seed + epoch_start)
+                                 seed=seed + first_epoch)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
         callbacks = _callbacks(run, progress, phase, is_final_phase, averaging, patience)
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
-            f"{max(epoch_start, progress['completed_epochs']) + 1}-{epoch_end}, lr {phase.learning_rate:g}"
+            f"{first_epoch + 1}-{epoch_end}, lr {phase.learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
         model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
-                  initial_epoch=max(epoch_start, progress["completed_epochs"]), epochs=epoch_end,
-                  callbacks=callbacks)
+                  shuffle=False,  # train_ds shuffles itself
+                  initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
         epoch_start = epoch_end
 
     final = build_model(INPUT_SIZE, init="random", seed=seed)

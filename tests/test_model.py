@@ -52,9 +52,19 @@ def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
     np.testing.assert_allclose(reloaded, in_memory, atol=1e-6)
 
 
-def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path):
+def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, monkeypatch):
+    from pneumonia_batch import train as training
     from pneumonia_batch.train import train
 
+    augmented_seeds = []
+    make_dataset = training.image_dataset
+
+    def recording_dataset(items, size, batch_size, augment, seed):
+        if augment:
+            augmented_seeds.append(seed)
+        return make_dataset(items, size, batch_size, augment, seed)
+
+    monkeypatch.setattr(training, "image_dataset", recording_dataset)
     out, _, _ = tiny_training
     run_dir = tmp_path / "run"
     shutil.copytree(out.parent / "run", run_dir)
@@ -70,6 +80,8 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path):
     # the checkpoint kept is the 224 px epoch with the lowest validation loss, across the resume
     assert progress["best_val_loss"] == min(row["val_loss"] for row in progress["history"][1:])
     assert any("resumed from" in line and "after epoch 2" in line for line in logged)
+    # epoch 3 gets a shuffle of its own, not the one the 224 px phase began with (seed 1)
+    assert augmented_seeds == [2]
 
 
 def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
