@@ -251,7 +251,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       loss="sparse_categorical_crossentropy",
                       metrics=["accuracy", _pneumonia_auc(keras)])
         first_epoch = max(epoch_start, progress["completed_epochs"])
-        # seeded by the first epoch to run, so a resumed run does not replay epoch 1's shuffle
+        # seeded by the first epoch to run, so a resumed phase does not replay its first epoch's shuffle
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + first_epoch)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)

@@ -84,6 +84,24 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert augmented_seeds == [2]
 
 
+def test_training_shuffle_follows_the_seed():
+    """What the resume test relies on: one seed, one order; another seed, another order."""
+    from pneumonia_batch.dataset import list_labelled
+    from pneumonia_batch.train import image_dataset
+
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    items = list_labelled(KERMANY / "train")
+    items = [i for i in items if i.label == 0][:4] + [i for i in items if i.label == 1][:4]
+
+    def label_order(seed):
+        return [int(label) for _, labels in image_dataset(items, 32, 8, augment=True, seed=seed)
+                for label in labels]
+
+    assert label_order(1) == label_order(1)
+    assert label_order(1) != label_order(2)
+
+
 def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
     out, _, _ = tiny_training
     copy = tmp_path / "tiny.keras"
