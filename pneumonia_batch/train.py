@@ -4,8 +4,11 @@ DenseNet-121 is fully convolutional with global pooling, so one set of weights
 trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:1e-4``
 (size:epochs:learning-rate) spends most epochs at low resolution, where a CPU
 is fast, and always ends at the screening resolution (224), where the
-checkpoint is chosen.  Every epoch leaves a checkpoint and a progress file in
-the run folder, so ``--resume`` continues after a crash or a kill.
+checkpoint is chosen.  Every epoch leaves a checkpoint, the optimiser's state
+and a progress file in the run folder, so ``--resume`` continues after a crash
+or a kill where the run stopped: same weights, Adam moments and learning rate,
+the plateau and early-stopping counters replayed from the history, and a phase
+that had stopped early stays stopped.  Only the random draws differ.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
 keeps every epoch's weights, and the model saved is the mean of its last N
@@ -25,14 +28,50 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import write_json_atomic
+from .atomic import write_atomic, write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, sha256_of)
 
+# Keras's defaults for the two validation-loss callbacks, which a resume replays
+EARLY_STOP_MIN_DELTA = 0.0
+PLATEAU_MIN_DELTA = 1e-4
+PLATEAU_PATIENCE = 1
+
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.
 UNFREEZE_FROM_LAYER = 100
+
+
+@dataclass(frozen=True)
+class PhaseProgress:
+    """Where a phase stood after its last recorded epoch: what its callbacks knew."""
+    stopped_early: bool = False
+    learning_rate: float | None = None  # after any plateau cut
+    early_stop_best: float | None = None
+    early_stop_wait: int = 0
+    plateau_best: float | None = None
+
+
+def phase_progress(val_losses: list[float], learning_rates: list[float], patience: int,
+                   averaging: bool) -> PhaseProgress:
+    """Replay a phase's recorded epochs through Keras's EarlyStopping and
+    ReduceLROnPlateau rules (mode min, their default min_delta), so a resumed phase
+    goes on with the counters an uninterrupted run would have."""
+    if not val_losses:
+        return PhaseProgress()
+    if averaging:  # no early stop, no plateau cut
+        return PhaseProgress(learning_rate=learning_rates[-1])
+    early_best, wait, plateau_best = None, 0, None
+    for loss in val_losses:
+        wait += 1
+        if early_best is None or loss + EARLY_STOP_MIN_DELTA < early_best:
+            early_best, wait = loss, 0
+        if plateau_best is None or loss + PLATEAU_MIN_DELTA < plateau_best:
+            plateau_best = loss
+    # the plateau counter needs no replay: at patience 1 every epoch without improvement cuts
+    return PhaseProgress(stopped_early=wait >= patience, learning_rate=learning_rates[-1],
+                         early_stop_best=early_best, early_stop_wait=wait, plateau_best=plateau_best)
 
 
 @dataclass(frozen=True)
@@ -183,6 +222,7 @@ class _RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.last = self.root / "last.weights.h5"
         self.best = self.root / "best.weights.h5"
+        self.optimizer = self.root / "last.optimizer.npz"
         self.progress = self.root / "progress.json"
 
     def epoch_weights(self, epoch: int) -> Path:
@@ -246,18 +286,31 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             epoch_start = epoch_end
             continue
         averaging = is_final_phase and average_last > 0
+        rows = [r for r in progress["history"] if epoch_start < r["epoch"] <= epoch_end]
+        so_far = phase_progress([r.get("val_loss") for r in rows if r.get("val_loss") is not None],
+                                [r["learning_rate"] for r in rows], patience, averaging)
+        if so_far.stopped_early:
+            log(f"phase {index + 1}/{len(schedule)} had stopped early after epoch {rows[-1]['epoch']}")
+            epoch_start = epoch_end
+            continue
         _set_trainable(model, phase, init)
-        model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
+        learning_rate = so_far.learning_rate or phase.learning_rate
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss="sparse_categorical_crossentropy",
                       metrics=["accuracy", _pneumonia_auc(keras)])
         first_epoch = max(epoch_start, progress["completed_epochs"])
+        if rows:
+            last = rows[-1]["epoch"]
+            log(f"restored the optimiser state of epoch {last}"
+                if _restore_optimizer(model, run.optimizer, last) else
+                f"no optimiser state saved after epoch {last}: Adam restarts")
         # seeded by the first epoch to run, so a resumed phase does not replay its first epoch's shuffle
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + first_epoch)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
-        callbacks = _callbacks(run, progress, phase, is_final_phase, averaging, patience)
+        callbacks = _callbacks(run, progress, phase, is_final_phase, averaging, patience, so_far)
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
-            f"{first_epoch + 1}-{epoch_end}, lr {phase.learning_rate:g}"
+            f"{first_epoch + 1}-{epoch_end}, lr {learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
         model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
                   shuffle=False,  # train_ds shuffles itself
@@ -326,16 +379,29 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
 
 def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bool, averaging: bool,
-               patience: int) -> list:
-    """The Keras callbacks of one phase.  The progress callback comes after the
-    plateau callback, so the history records each epoch's learning rate after any cut."""
+               patience: int, so_far: PhaseProgress = PhaseProgress()) -> list:
+    """The Keras callbacks of one phase, starting from the counters in ``so_far``.
+    The progress callback comes after the plateau callback, so the history records
+    each epoch's learning rate after any cut."""
     import keras
+
+    class EarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.best, self.wait = so_far.early_stop_best, so_far.early_stop_wait
+
+    class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.best = so_far.plateau_best
 
     callbacks = []
     if not averaging:  # weight averaging wants every epoch, at one learning rate
         callbacks += [
-            keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-6),
+            EarlyStopping(monitor="val_loss", mode="min", patience=patience,
+                          min_delta=EARLY_STOP_MIN_DELTA),
+            ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=PLATEAU_PATIENCE,
+                              min_delta=PLATEAU_MIN_DELTA, min_lr=1e-6),
         ]
     callbacks.append(_ProgressCallback(run, progress, phase, keep_each_epoch=averaging))
     if is_final_phase and not averaging:
@@ -359,6 +425,39 @@ def _started_from(model_path: Path) -> dict:
         meta = {}
     return {"model": model_path.name, "sha256": sha256,
             "training": meta.get("training"), "validation": meta.get("validation")}
+
+
+def _save_optimizer(optimizer, path: Path, epoch: int) -> None:
+    """Adam's step count, learning rate and moments after ``epoch`` (a weights
+    checkpoint holds none of them)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(v) for v in optimizer.variables], epoch=epoch)
+    write_atomic(path, buffer.getvalue())
+
+
+def _restore_optimizer(model, path: Path, epoch: int) -> bool:
+    """Load the state ``_save_optimizer`` wrote after ``epoch`` into the model's new
+    optimiser.  False when there is none, it is from another epoch, or it belongs to
+    other trainable variables."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        return False
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    with np.load(path) as saved:
+        if int(saved["epoch"]) != epoch:
+            return False
+        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+    if [a.shape for a in arrays] != [tuple(v.shape) for v in optimizer.variables]:
+        return False
+    for variable, array in zip(optimizer.variables, arrays):
+        variable.assign(array)
+    return True
 
 
 def mean_weights(model, weight_files: list[Path]) -> list:
@@ -429,6 +528,7 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, keep_each_e
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.model.save_weights(run.last)
+            _save_optimizer(self.model.optimizer, run.optimizer, epoch + 1)
             if keep_each_epoch:
                 self.model.save_weights(run.epoch_weights(epoch + 1))
             progress["history"].append(row)

@@ -82,6 +82,50 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert any("resumed from" in line and "after epoch 2" in line for line in logged)
     # epoch 3 gets a shuffle of its own, not the one the 224 px phase began with (seed 1)
     assert augmented_seeds == [2]
+    # Adam goes on counting from epoch 2's two steps (8 images, batch 4) instead of restarting
+    assert "restored the optimiser state of epoch 2" in logged
+    with np.load(run_dir / "last.optimizer.npz") as saved:
+        assert int(saved["epoch"]) == 3 and int(saved["arr_0"]) == 4
+
+
+@pytest.mark.parametrize("losses", [
+    [0.9, 0.8, 0.85, 0.86, 0.87, 0.7],  # two plateau cuts, then the early stop
+    [0.9, 0.8, 0.8, 0.8, 0.8, 0.7],  # an equal loss is no improvement
+    # gains smaller than the plateau's min_delta (1e-4) count for the early stop, not for the plateau
+    [0.9, 0.8, 0.79995, 0.79988, 0.85, 0.86, 0.87],
+])
+def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, tmp_path):
+    """Interrupted after any epoch, the replayed counters give the same learning-rate
+    cuts and the same early stop as one uninterrupted phase."""
+    import keras
+
+    from pneumonia_batch.train import PhaseProgress, _callbacks, _RunFolder, phase_progress
+
+    def run_phase(losses, so_far, learning_rate, first_epoch):
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+        early_stop, plateau = _callbacks(_RunFolder(tmp_path), {}, Phase(224, 9, 1e-3), False, False,
+                                         3, so_far)[:2]
+        rates = []
+        for callback in (early_stop, plateau):
+            callback.set_model(model)
+            callback.on_train_begin()
+        for epoch, loss in enumerate(losses, start=first_epoch):
+            for callback in (early_stop, plateau):
+                callback.on_epoch_end(epoch, {"val_loss": loss})
+            rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+            if model.stop_training:
+                break
+        return rates, model.stop_training
+
+    whole, stopped = run_phase(losses, PhaseProgress(), 1e-3, 0)
+    assert len(set(whole)) > 1  # the cases exercise the plateau cut
+    for k in range(1, len(whole)):
+        so_far = phase_progress(losses[:k], whole[:k], patience=3, averaging=False)
+        assert not so_far.stopped_early and so_far.learning_rate == whole[k - 1]
+        rates, resumed_stopped = run_phase(losses[k:], so_far, whole[k - 1], k)
+        assert whole[:k] + rates == whole and resumed_stopped == stopped
+    assert phase_progress(losses[:len(whole)], whole, 3, False).stopped_early == stopped
 
 
 def test_training_shuffle_follows_the_seed():
