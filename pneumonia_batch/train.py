@@ -4,11 +4,13 @@ DenseNet-121 is fully convolutional with global pooling, so one set of weights
 trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:1e-4``
 (size:epochs:learning-rate) spends most epochs at low resolution, where a CPU
 is fast, and always ends at the screening resolution (224), where the
-checkpoint is chosen.  Every epoch leaves a checkpoint, the optimiser's state
-and a progress file in the run folder, so ``--resume`` continues after a crash
-or a kill where the run stopped: same weights, Adam moments and learning rate,
-the plateau and early-stopping counters replayed from the history, and a phase
-that had stopped early stays stopped.  Only the random draws differ.
+checkpoint is chosen.  Every epoch leaves its weights, the optimiser's state
+and then the progress file in the run folder; the progress file names the last
+complete epoch, so a crash or a kill at any point leaves a consistent run and
+``--resume`` continues where it stopped: same weights, Adam moments and
+learning rate, the plateau and early-stopping counters replayed from the
+history, and a phase that had stopped early stays stopped.  Only the random
+draws differ.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
 keeps every epoch's weights, and the model saved is the mean of its last N
@@ -62,15 +64,20 @@ def phase_progress(val_losses: list[float], learning_rates: list[float], patienc
         return PhaseProgress()
     if averaging:  # no early stop, no plateau cut
         return PhaseProgress(learning_rate=learning_rates[-1])
+    import numpy as np
+
+    def improves(loss, min_delta, best):  # as Keras compares: in float32
+        return best is None or np.float32(loss + min_delta) < np.float32(best)
+
     early_best, wait, plateau_best = None, 0, None
     for loss in val_losses:
         wait += 1
-        if early_best is None or loss + EARLY_STOP_MIN_DELTA < early_best:
+        if improves(loss, EARLY_STOP_MIN_DELTA, early_best):
             early_best, wait = loss, 0
-        if plateau_best is None or loss + PLATEAU_MIN_DELTA < plateau_best:
+        if improves(loss, PLATEAU_MIN_DELTA, plateau_best):
             plateau_best = loss
     # the plateau counter needs no replay: at patience 1 every epoch without improvement cuts
-    return PhaseProgress(stopped_early=wait >= patience, learning_rate=learning_rates[-1],
+    return PhaseProgress(stopped_early=wait > 0 and wait >= patience, learning_rate=learning_rates[-1],
                          early_stop_best=early_best, early_stop_wait=wait, plateau_best=plateau_best)
 
 
@@ -220,13 +227,20 @@ class _RunFolder:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.last = self.root / "last.weights.h5"
         self.best = self.root / "best.weights.h5"
-        self.optimizer = self.root / "last.optimizer.npz"
         self.progress = self.root / "progress.json"
 
     def epoch_weights(self, epoch: int) -> Path:
         return self.root / f"epoch-{epoch:03d}.weights.h5"
+
+    def epoch_optimizer(self, epoch: int) -> Path:
+        return self.root / f"epoch-{epoch:03d}.optimizer.npz"
+
+    def discard(self, epoch: int, keep_weights: bool) -> None:
+        """Remove what a later epoch's files have replaced."""
+        self.epoch_optimizer(epoch).unlink(missing_ok=True)
+        if not keep_weights:
+            self.epoch_weights(epoch).unlink(missing_ok=True)
 
     def load_progress(self) -> dict:
         if self.progress.is_file():
@@ -271,9 +285,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
     if from_model is not None and "started_from" not in progress:
         progress["started_from"] = _started_from(from_model)
-    if resume and run.last.is_file():
-        model.load_weights(run.last)
-        log(f"resumed from {run.last} after epoch {progress['completed_epochs']}")
+    if resume and progress["completed_epochs"]:
+        resumed_from = run.epoch_weights(progress["completed_epochs"])
+        model.load_weights(resumed_from)
+        log(f"resumed from {resumed_from} after epoch {progress['completed_epochs']}")
     elif from_model is not None:
         model.load_weights(from_model)
         log(f"starting from the weights of {from_model}")
@@ -302,7 +317,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         if rows:
             last = rows[-1]["epoch"]
             log(f"restored the optimiser state of epoch {last}"
-                if _restore_optimizer(model, run.optimizer, last) else
+                if _restore_optimizer(model, run.epoch_optimizer(last)) else
                 f"no optimiser state saved after epoch {last}: Adam restarts")
         # seeded by the first epoch to run, so a resumed phase does not replay its first epoch's shuffle
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
@@ -331,7 +346,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       "learning rate), BatchNorm statistics recomputed over the augmented training "
                       "images")
     else:
-        final.load_weights(run.best if run.best.is_file() else run.last)
+        final.load_weights(run.best if run.best.is_file()
+                           else run.epoch_weights(progress["completed_epochs"]))
         checkpoint = "lowest validation loss at 224 px" if run.best.is_file() else "last epoch"
     final.save(out)
     history_csv, curves_png = _write_history(out, progress["history"])
@@ -404,13 +420,6 @@ def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bo
                               min_delta=PLATEAU_MIN_DELTA, min_lr=1e-6),
         ]
     callbacks.append(_ProgressCallback(run, progress, phase, keep_each_epoch=averaging))
-    if is_final_phase and not averaging:
-        # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
-        # noise between epochs, while the loss also tells calibrated checkpoints from ones
-        # that push most pneumonia cases far below 0.5.
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            run.best, monitor="val_loss", mode="min", save_best_only=True, save_weights_only=True,
-            initial_value_threshold=progress.get("best_val_loss")))
     return callbacks
 
 
@@ -427,22 +436,20 @@ def _started_from(model_path: Path) -> dict:
             "training": meta.get("training"), "validation": meta.get("validation")}
 
 
-def _save_optimizer(optimizer, path: Path, epoch: int) -> None:
-    """Adam's step count, learning rate and moments after ``epoch`` (a weights
-    checkpoint holds none of them)."""
+def _save_optimizer(optimizer, path: Path) -> None:
+    """Adam's step count, learning rate and moments (a weights checkpoint holds none of them)."""
     import io
 
     import numpy as np
 
     buffer = io.BytesIO()
-    np.savez(buffer, *[np.asarray(v) for v in optimizer.variables], epoch=epoch)
+    np.savez(buffer, *[np.asarray(v) for v in optimizer.variables])
     write_atomic(path, buffer.getvalue())
 
 
-def _restore_optimizer(model, path: Path, epoch: int) -> bool:
-    """Load the state ``_save_optimizer`` wrote after ``epoch`` into the model's new
-    optimiser.  False when there is none, it is from another epoch, or it belongs to
-    other trainable variables."""
+def _restore_optimizer(model, path: Path) -> bool:
+    """Load the state ``_save_optimizer`` wrote into the model's new optimiser.
+    False when there is none or it belongs to other trainable variables."""
     import numpy as np
 
     if not Path(path).is_file():
@@ -450,9 +457,7 @@ def _restore_optimizer(model, path: Path, epoch: int) -> bool:
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     with np.load(path) as saved:
-        if int(saved["epoch"]) != epoch:
-            return False
-        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     if [a.shape for a in arrays] != [tuple(v.shape) for v in optimizer.variables]:
         return False
     for variable, array in zip(optimizer.variables, arrays):
@@ -517,29 +522,43 @@ def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:
 
 
 def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, keep_each_epoch: bool):
-    """A Keras callback saving the last weights and the history after every epoch
-    (and each epoch's own weights, when they are to be averaged)."""
+    """A Keras callback that, after every epoch, saves the epoch's weights and
+    optimiser state, the best 224 px weights so far, and then the progress file
+    that names them (the previous epoch's files go, unless they are to be averaged)."""
     import keras
 
     class ProgressCallback(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
             logs = dict(logs or {})
-            row = {"epoch": epoch + 1, "size": phase.size,
+            row = {"epoch": done, "size": phase.size,
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
-            self.model.save_weights(run.last)
-            _save_optimizer(self.model.optimizer, run.optimizer, epoch + 1)
-            if keep_each_epoch:
-                self.model.save_weights(run.epoch_weights(epoch + 1))
+            self.model.save_weights(run.epoch_weights(done))
+            _save_optimizer(self.model.optimizer, run.epoch_optimizer(done))
+            # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
+            # noise between epochs, while the loss also tells calibrated checkpoints from ones
+            # that push most pneumonia cases far below 0.5.
+            best = progress.get("best_val_loss")
+            if phase.size == INPUT_SIZE and row.get("val_loss") is not None and (
+                    best is None or row["val_loss"] < best):
+                _save_weights_atomic(self.model, run.best)
+                progress["best_val_loss"] = row["val_loss"]
             progress["history"].append(row)
-            progress["completed_epochs"] = epoch + 1
-            if phase.size == INPUT_SIZE and row.get("val_loss") is not None:
-                best = progress.get("best_val_loss")
-                if best is None or row["val_loss"] < best:
-                    progress["best_val_loss"] = row["val_loss"]
+            progress["completed_epochs"] = done
             run.save_progress(progress)
+            run.discard(done - 1, keep_weights=keep_each_epoch)
 
     return ProgressCallback()
+
+
+def _save_weights_atomic(model, path: Path) -> None:
+    """Keras writes weight files in place; a kill half-way must not spoil the old file."""
+    import os
+
+    partial = path.with_name(f".partial.{path.name}")  # Keras wants the .weights.h5 ending
+    model.save_weights(partial)
+    os.replace(partial, path)
 
 
 def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:

@@ -84,17 +84,21 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert augmented_seeds == [2]
     # Adam goes on counting from epoch 2's two steps (8 images, batch 4) instead of restarting
     assert "restored the optimiser state of epoch 2" in logged
-    with np.load(run_dir / "last.optimizer.npz") as saved:
-        assert int(saved["epoch"]) == 3 and int(saved["arr_0"]) == 4
+    with np.load(run_dir / "epoch-003.optimizer.npz") as saved:
+        assert int(saved["arr_0"]) == 4
+    # only the last epoch's files are kept, with the best 224 px weights
+    assert sorted(f.name for f in run_dir.iterdir()) == [
+        "best.weights.h5", "epoch-003.optimizer.npz", "epoch-003.weights.h5", "progress.json"]
 
 
-@pytest.mark.parametrize("losses", [
-    [0.9, 0.8, 0.85, 0.86, 0.87, 0.7],  # two plateau cuts, then the early stop
-    [0.9, 0.8, 0.8, 0.8, 0.8, 0.7],  # an equal loss is no improvement
+@pytest.mark.parametrize("losses, patience", [
+    ([0.9, 0.8, 0.85, 0.86, 0.87, 0.7], 3),  # two plateau cuts, then the early stop
+    ([0.9, 0.8, 0.8, 0.8, 0.8, 0.7], 3),  # an equal loss is no improvement
     # gains smaller than the plateau's min_delta (1e-4) count for the early stop, not for the plateau
-    [0.9, 0.8, 0.79995, 0.79988, 0.85, 0.86, 0.87],
+    ([0.9, 0.8, 0.79995, 0.79988, 0.85, 0.86, 0.87], 3),
+    ([0.9, 0.8, 0.7, 0.75], 0),  # patience 0 stops at the first epoch without improvement
 ])
-def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, tmp_path):
+def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, patience, tmp_path):
     """Interrupted after any epoch, the replayed counters give the same learning-rate
     cuts and the same early stop as one uninterrupted phase."""
     import keras
@@ -105,7 +109,7 @@ def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, tmp_path):
         model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
         early_stop, plateau = _callbacks(_RunFolder(tmp_path), {}, Phase(224, 9, 1e-3), False, False,
-                                         3, so_far)[:2]
+                                         patience, so_far)[:2]
         rates = []
         for callback in (early_stop, plateau):
             callback.set_model(model)
@@ -121,11 +125,11 @@ def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, tmp_path):
     whole, stopped = run_phase(losses, PhaseProgress(), 1e-3, 0)
     assert len(set(whole)) > 1  # the cases exercise the plateau cut
     for k in range(1, len(whole)):
-        so_far = phase_progress(losses[:k], whole[:k], patience=3, averaging=False)
+        so_far = phase_progress(losses[:k], whole[:k], patience=patience, averaging=False)
         assert not so_far.stopped_early and so_far.learning_rate == whole[k - 1]
         rates, resumed_stopped = run_phase(losses[k:], so_far, whole[k - 1], k)
         assert whole[:k] + rates == whole and resumed_stopped == stopped
-    assert phase_progress(losses[:len(whole)], whole, 3, False).stopped_early == stopped
+    assert phase_progress(losses[:len(whole)], whole, patience, False).stopped_early == stopped
 
 
 def test_training_shuffle_follows_the_seed():
@@ -295,7 +299,7 @@ def test_averaging_phase_has_no_early_stop_and_no_learning_rate_cut(tmp_path):
 
     assert kinds(True) == ["ProgressCallback"]
     # otherwise the plateau cut comes first, so the history records the rate after it
-    assert kinds(False) == ["EarlyStopping", "ReduceLROnPlateau", "ProgressCallback", "ModelCheckpoint"]
+    assert kinds(False) == ["EarlyStopping", "ReduceLROnPlateau", "ProgressCallback"]
 
 
 def test_batchnorm_statistics_become_means_over_the_data():
