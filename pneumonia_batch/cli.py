@@ -93,11 +93,14 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
         check_options(phases, init, out, from_model, average_last)
     except ValueError as exc:
         raise click.UsageError(str(exc))
-    run_training(data_dir, out, phases, init=init, imagenet_weights=imagenet_weights,
-                 frozen_epochs=frozen_epochs, batch_size=batch_size, val_fraction=val_fraction,
-                 seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
-                 target_sensitivity=target_sensitivity, from_model=from_model,
-                 average_last=average_last, log=lambda m: click.echo(m, err=True))
+    try:
+        run_training(data_dir, out, phases, init=init, imagenet_weights=imagenet_weights,
+                     frozen_epochs=frozen_epochs, batch_size=batch_size, val_fraction=val_fraction,
+                     seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
+                     target_sensitivity=target_sensitivity, from_model=from_model,
+                     average_last=average_last, log=lambda m: click.echo(m, err=True))
+    except FileNotFoundError as exc:  # a run folder missing the checkpoints it records
+        raise click.ClickException(str(exc))
 
 
 @main.command()

@@ -4,13 +4,13 @@ DenseNet-121 is fully convolutional with global pooling, so one set of weights
 trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:1e-4``
 (size:epochs:learning-rate) spends most epochs at low resolution, where a CPU
 is fast, and always ends at the screening resolution (224), where the
-checkpoint is chosen.  Every epoch leaves its weights, the optimiser's state
-and then the progress file in the run folder; the progress file names the last
-complete epoch, so a crash or a kill at any point leaves a consistent run and
-``--resume`` continues where it stopped: same weights, Adam moments and
-learning rate, the plateau and early-stopping counters replayed from the
-history, and a phase that had stopped early stays stopped.  Only the random
-draws differ.
+checkpoint is chosen.  Every epoch writes its weights and the optimiser's
+state, then the progress file, which names the last complete epoch and the best
+224 px one; only then do the files it no longer names go.  So a crash or a kill
+at any point leaves a consistent run, and ``--resume`` continues where it
+stopped: same weights, Adam moments and learning rate, the plateau and
+early-stopping counters replayed from the history, and a phase that had stopped
+early stays stopped.  Only the random draws differ.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
 keeps every epoch's weights, and the model saved is the mean of its last N
@@ -227,7 +227,6 @@ class _RunFolder:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.best = self.root / "best.weights.h5"
         self.progress = self.root / "progress.json"
 
     def epoch_weights(self, epoch: int) -> Path:
@@ -236,11 +235,17 @@ class _RunFolder:
     def epoch_optimizer(self, epoch: int) -> Path:
         return self.root / f"epoch-{epoch:03d}.optimizer.npz"
 
-    def discard(self, epoch: int, keep_weights: bool) -> None:
-        """Remove what a later epoch's files have replaced."""
-        self.epoch_optimizer(epoch).unlink(missing_ok=True)
-        if not keep_weights:
-            self.epoch_weights(epoch).unlink(missing_ok=True)
+    def sweep(self, keep_weights: set[int], keep_optimizer: int) -> None:
+        """Remove the epoch files that the progress file no longer needs."""
+        def epoch_of(path: Path) -> int:
+            return int(path.name.split(".")[0].removeprefix("epoch-"))
+
+        for path in self.root.glob("epoch-*.weights.h5"):
+            if epoch_of(path) not in keep_weights:
+                path.unlink()
+        for path in self.root.glob("epoch-*.optimizer.npz"):
+            if epoch_of(path) != keep_optimizer:
+                path.unlink()
 
     def load_progress(self) -> dict:
         if self.progress.is_file():
@@ -273,6 +278,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     out.parent.mkdir(parents=True, exist_ok=True)
     run = _RunFolder(run_dir or Path("runs") / out.stem)
     progress = run.load_progress() if resume else {"completed_epochs": 0, "history": [], "best_val_loss": None}
+    last_weights = run.epoch_weights(progress["completed_epochs"])
+    if resume and progress["completed_epochs"] and not last_weights.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
+                                f"{run.progress} records, is missing")
 
     train_dir = resolve_split(data_dir, "train")
     train_items, val_items = split_by_patient(list_labelled(train_dir), val_fraction, seed)
@@ -286,9 +295,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     if from_model is not None and "started_from" not in progress:
         progress["started_from"] = _started_from(from_model)
     if resume and progress["completed_epochs"]:
-        resumed_from = run.epoch_weights(progress["completed_epochs"])
-        model.load_weights(resumed_from)
-        log(f"resumed from {resumed_from} after epoch {progress['completed_epochs']}")
+        model.load_weights(last_weights)
+        log(f"resumed from {last_weights} after epoch {progress['completed_epochs']}")
     elif from_model is not None:
         model.load_weights(from_model)
         log(f"starting from the weights of {from_model}")
@@ -323,7 +331,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + first_epoch)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
-        callbacks = _callbacks(run, progress, phase, is_final_phase, averaging, patience, so_far)
+        callbacks = _callbacks(run, progress, phase, epoch_start, is_final_phase, averaging, patience,
+                               so_far)
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
             f"{first_epoch + 1}-{epoch_end}, lr {learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
@@ -346,9 +355,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       "learning rate), BatchNorm statistics recomputed over the augmented training "
                       "images")
     else:
-        final.load_weights(run.best if run.best.is_file()
-                           else run.epoch_weights(progress["completed_epochs"]))
-        checkpoint = "lowest validation loss at 224 px" if run.best.is_file() else "last epoch"
+        best_epoch = progress.get("best_epoch")
+        final.load_weights(run.epoch_weights(best_epoch or progress["completed_epochs"]))
+        checkpoint = f"epoch {best_epoch}, the lowest validation loss at 224 px" if best_epoch else "last epoch"
     final.save(out)
     history_csv, curves_png = _write_history(out, progress["history"])
     metadata = {
@@ -394,8 +403,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
 
 
-def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bool, averaging: bool,
-               patience: int, so_far: PhaseProgress = PhaseProgress()) -> list:
+def _callbacks(run: _RunFolder, progress: dict, phase: Phase, epoch_start: int, is_final_phase: bool,
+               averaging: bool, patience: int, so_far: PhaseProgress = PhaseProgress()) -> list:
     """The Keras callbacks of one phase, starting from the counters in ``so_far``.
     The progress callback comes after the plateau callback, so the history records
     each epoch's learning rate after any cut."""
@@ -419,7 +428,8 @@ def _callbacks(run: _RunFolder, progress: dict, phase: Phase, is_final_phase: bo
             ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=PLATEAU_PATIENCE,
                               min_delta=PLATEAU_MIN_DELTA, min_lr=1e-6),
         ]
-    callbacks.append(_ProgressCallback(run, progress, phase, keep_each_epoch=averaging))
+    callbacks.append(_ProgressCallback(run, progress, phase,
+                                       averaged_from=epoch_start + 1 if averaging else None))
     return callbacks
 
 
@@ -521,10 +531,11 @@ def _take_each_class(items: list[LabelledImage], n: int) -> list[LabelledImage]:
     return taken
 
 
-def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, keep_each_epoch: bool):
+def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_from: int | None):
     """A Keras callback that, after every epoch, saves the epoch's weights and
-    optimiser state, the best 224 px weights so far, and then the progress file
-    that names them (the previous epoch's files go, unless they are to be averaged)."""
+    optimiser state, then the progress file that names them, then removes the
+    files it no longer needs: it keeps the last epoch, the best 224 px epoch and,
+    in an averaging phase, every epoch from ``averaged_from`` on."""
     import keras
 
     class ProgressCallback(keras.callbacks.Callback):
@@ -542,23 +553,16 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, keep_each_e
             best = progress.get("best_val_loss")
             if phase.size == INPUT_SIZE and row.get("val_loss") is not None and (
                     best is None or row["val_loss"] < best):
-                _save_weights_atomic(self.model, run.best)
-                progress["best_val_loss"] = row["val_loss"]
+                progress["best_val_loss"], progress["best_epoch"] = row["val_loss"], done
             progress["history"].append(row)
             progress["completed_epochs"] = done
             run.save_progress(progress)
-            run.discard(done - 1, keep_weights=keep_each_epoch)
+            kept = {done, progress.get("best_epoch")}
+            if averaged_from is not None:
+                kept |= set(range(averaged_from, done + 1))
+            run.sweep(kept, keep_optimizer=done)
 
     return ProgressCallback()
-
-
-def _save_weights_atomic(model, path: Path) -> None:
-    """Keras writes weight files in place; a kill half-way must not spoil the old file."""
-    import os
-
-    partial = path.with_name(f".partial.{path.name}")  # Keras wants the .weights.h5 ending
-    model.save_weights(partial)
-    os.replace(partial, path)
 
 
 def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:

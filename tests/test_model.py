@@ -78,7 +78,8 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert [row["epoch"] for row in progress["history"]] == [1, 2, 3]  # epochs 1-2 not run again
     assert [row["size"] for row in progress["history"]] == [32, 224, 224]
     # the checkpoint kept is the 224 px epoch with the lowest validation loss, across the resume
-    assert progress["best_val_loss"] == min(row["val_loss"] for row in progress["history"][1:])
+    best = min(progress["history"][1:], key=lambda row: row["val_loss"])
+    assert (progress["best_epoch"], progress["best_val_loss"]) == (best["epoch"], best["val_loss"])
     assert any("resumed from" in line and "after epoch 2" in line for line in logged)
     # epoch 3 gets a shuffle of its own, not the one the 224 px phase began with (seed 1)
     assert augmented_seeds == [2]
@@ -86,9 +87,18 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert "restored the optimiser state of epoch 2" in logged
     with np.load(run_dir / "epoch-003.optimizer.npz") as saved:
         assert int(saved["arr_0"]) == 4
-    # only the last epoch's files are kept, with the best 224 px weights
-    assert sorted(f.name for f in run_dir.iterdir()) == [
-        "best.weights.h5", "epoch-003.optimizer.npz", "epoch-003.weights.h5", "progress.json"]
+    # only the last epoch's files are kept, and the best epoch's weights, which are the model saved
+    best_weights = run_dir / f"epoch-{best['epoch']:03d}.weights.h5"
+    assert sorted(f.name for f in run_dir.iterdir()) == sorted({
+        "epoch-003.optimizer.npz", "epoch-003.weights.h5", best_weights.name, "progress.json"})
+    from pneumonia_batch.inference import KerasRunner
+
+    reference = build_model(224, init="random")
+    reference.load_weights(best_weights)
+    batch = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3)).astype(np.uint8)
+    np.testing.assert_allclose(KerasRunner(resumed, "raw").predict(batch),
+                               np.asarray(reference(batch.astype(np.float32), training=False))[:, 1],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("losses, patience", [
@@ -96,6 +106,8 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     ([0.9, 0.8, 0.8, 0.8, 0.8, 0.7], 3),  # an equal loss is no improvement
     # gains smaller than the plateau's min_delta (1e-4) count for the early stop, not for the plateau
     ([0.9, 0.8, 0.79995, 0.79988, 0.85, 0.86, 0.87], 3),
+    # 0.1251 + 1e-4 < 0.1252 in float64 but not in float32, where Keras compares
+    ([0.9, 0.1252, 0.1251, 0.12505, 0.2, 0.3, 0.4], 3),
     ([0.9, 0.8, 0.7, 0.75], 0),  # patience 0 stops at the first epoch without improvement
 ])
 def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, patience, tmp_path):
@@ -108,8 +120,8 @@ def test_a_resumed_phase_goes_on_as_if_never_interrupted(losses, patience, tmp_p
     def run_phase(losses, so_far, learning_rate, first_epoch):
         model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
-        early_stop, plateau = _callbacks(_RunFolder(tmp_path), {}, Phase(224, 9, 1e-3), False, False,
-                                         patience, so_far)[:2]
+        early_stop, plateau = _callbacks(_RunFolder(tmp_path), {}, Phase(224, 9, 1e-3), 0, False,
+                                         False, patience, so_far)[:2]
         rates = []
         for callback in (early_stop, plateau):
             callback.set_model(model)
@@ -295,7 +307,7 @@ def test_averaging_phase_has_no_early_stop_and_no_learning_rate_cut(tmp_path):
     run, phase = _RunFolder(tmp_path), Phase(224, 4, 1e-4)
 
     def kinds(averaging):
-        return [type(c).__name__ for c in _callbacks(run, {}, phase, True, averaging, patience=3)]
+        return [type(c).__name__ for c in _callbacks(run, {}, phase, 0, True, averaging, patience=3)]
 
     assert kinds(True) == ["ProgressCallback"]
     # otherwise the plateau cut comes first, so the history records the rate after it
@@ -340,3 +352,17 @@ def test_inconsistent_training_options_are_usage_errors(args, message, tmp_path)
     result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path),
                              "--out", str(tmp_path / "m.keras"), *args], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 3, "history": []}))
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(run_dir), "--resume"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert "cannot resume" in result.stderr and "epoch-003.weights.h5" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.keras").exists()
