@@ -5,8 +5,8 @@ trains at several resolutions.  A schedule such as ``96:4:1e-3,128:1:3e-4,224:1:
 (size:epochs:learning-rate) spends most epochs at low resolution, where a CPU
 is fast, and always ends at the screening resolution (224), where the
 checkpoint is chosen.  Every epoch writes its weights and the optimiser's
-state, then the progress file, which names the last complete epoch and the best
-224 px one; only then do the files it no longer names go.  So a crash or a kill
+state, then the progress file, whose history names the last complete epoch and
+the best 224 px one; only then do the files it no longer names go.  So a crash or a kill
 at any point leaves a consistent run, and ``--resume`` continues where it
 stopped: same weights, Adam moments and learning rate, the plateau and
 early-stopping counters replayed from the history, and a phase that had stopped
@@ -55,29 +55,26 @@ class PhaseProgress:
     plateau_best: float | None = None
 
 
-def phase_progress(val_losses: list[float], learning_rates: list[float], patience: int,
-                   averaging: bool) -> PhaseProgress:
-    """Replay a phase's recorded epochs through Keras's EarlyStopping and
+def phase_progress(rows: list[dict], patience: int) -> PhaseProgress:
+    """Replay a phase's recorded history rows through Keras's EarlyStopping and
     ReduceLROnPlateau rules (mode min, their default min_delta), so a resumed phase
     goes on with the counters an uninterrupted run would have."""
-    if not val_losses:
+    if not rows:
         return PhaseProgress()
-    if averaging:  # no early stop, no plateau cut
-        return PhaseProgress(learning_rate=learning_rates[-1])
     import numpy as np
 
     def improves(loss, min_delta, best):  # as Keras compares: in float32
         return best is None or np.float32(loss + min_delta) < np.float32(best)
 
     early_best, wait, plateau_best = None, 0, None
-    for loss in val_losses:
+    for loss in (row["val_loss"] for row in rows):
         wait += 1
         if improves(loss, EARLY_STOP_MIN_DELTA, early_best):
             early_best, wait = loss, 0
         if improves(loss, PLATEAU_MIN_DELTA, plateau_best):
             plateau_best = loss
     # the plateau counter needs no replay: at patience 1 every epoch without improvement cuts
-    return PhaseProgress(stopped_early=wait > 0 and wait >= patience, learning_rate=learning_rates[-1],
+    return PhaseProgress(stopped_early=wait > 0 and wait >= patience, learning_rate=rows[-1]["learning_rate"],
                          early_stop_best=early_best, early_stop_wait=wait, plateau_best=plateau_best)
 
 
@@ -237,20 +234,15 @@ class _RunFolder:
 
     def sweep(self, keep_weights: set[int], keep_optimizer: int) -> None:
         """Remove the epoch files that the progress file no longer needs."""
-        def epoch_of(path: Path) -> int:
-            return int(path.name.split(".")[0].removeprefix("epoch-"))
-
-        for path in self.root.glob("epoch-*.weights.h5"):
-            if epoch_of(path) not in keep_weights:
-                path.unlink()
-        for path in self.root.glob("epoch-*.optimizer.npz"):
-            if epoch_of(path) != keep_optimizer:
+        for path in self.root.glob("epoch-*"):
+            epoch = int(path.name.split(".")[0].removeprefix("epoch-"))
+            if epoch not in (keep_weights if path.name.endswith(".weights.h5") else {keep_optimizer}):
                 path.unlink()
 
     def load_progress(self) -> dict:
         if self.progress.is_file():
             return json.loads(self.progress.read_text())
-        return {"completed_epochs": 0, "history": [], "best_val_loss": None}
+        return {"completed_epochs": 0, "history": []}
 
     def save_progress(self, progress: dict) -> None:
         write_json_atomic(self.progress, progress)
@@ -277,7 +269,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     run = _RunFolder(run_dir or Path("runs") / out.stem)
-    progress = run.load_progress() if resume else {"completed_epochs": 0, "history": [], "best_val_loss": None}
+    progress = run.load_progress() if resume else {"completed_epochs": 0, "history": []}
     last_weights = run.epoch_weights(progress["completed_epochs"])
     if resume and progress["completed_epochs"] and not last_weights.is_file():
         raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
@@ -310,8 +302,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             continue
         averaging = is_final_phase and average_last > 0
         rows = [r for r in progress["history"] if epoch_start < r["epoch"] <= epoch_end]
-        so_far = phase_progress([r.get("val_loss") for r in rows if r.get("val_loss") is not None],
-                                [r["learning_rate"] for r in rows], patience, averaging)
+        # an averaging phase has no early stop and no plateau cut: nothing to replay
+        so_far = PhaseProgress() if averaging else phase_progress(rows, patience)
         if so_far.stopped_early:
             log(f"phase {index + 1}/{len(schedule)} had stopped early after epoch {rows[-1]['epoch']}")
             epoch_start = epoch_end
@@ -331,8 +323,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + first_epoch)
         val_ds = image_dataset(val_items, phase.size, batch_size, augment=False, seed=seed)
-        callbacks = _callbacks(run, progress, phase, epoch_start, is_final_phase, averaging, patience,
-                               so_far)
+        callbacks = _callbacks(run, progress, phase, epoch_start, averaging, patience, so_far)
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
             f"{first_epoch + 1}-{epoch_end}, lr {learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
@@ -355,7 +346,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       "learning rate), BatchNorm statistics recomputed over the augmented training "
                       "images")
     else:
-        best_epoch = progress.get("best_epoch")
+        best_epoch = best_224_epoch(progress["history"])
         final.load_weights(run.epoch_weights(best_epoch or progress["completed_epochs"]))
         checkpoint = f"epoch {best_epoch}, the lowest validation loss at 224 px" if best_epoch else "last epoch"
     final.save(out)
@@ -403,8 +394,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
 
 
-def _callbacks(run: _RunFolder, progress: dict, phase: Phase, epoch_start: int, is_final_phase: bool,
-               averaging: bool, patience: int, so_far: PhaseProgress = PhaseProgress()) -> list:
+def _callbacks(run: _RunFolder, progress: dict, phase: Phase, epoch_start: int, averaging: bool,
+               patience: int, so_far: PhaseProgress = PhaseProgress()) -> list:
     """The Keras callbacks of one phase, starting from the counters in ``so_far``.
     The progress callback comes after the plateau callback, so the history records
     each epoch's learning rate after any cut."""
@@ -444,6 +435,17 @@ def _started_from(model_path: Path) -> dict:
         meta = {}
     return {"model": model_path.name, "sha256": sha256,
             "training": meta.get("training"), "validation": meta.get("validation")}
+
+
+def best_224_epoch(history: list[dict]) -> int | None:
+    """The 224 px epoch with the lowest validation loss (the first, on a tie).
+
+    Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
+    noise between epochs, while the loss also tells calibrated checkpoints from ones
+    that push most pneumonia cases far below 0.5.
+    """
+    rows = [r for r in history if r["size"] == INPUT_SIZE and r.get("val_loss") is not None]
+    return min(rows, key=lambda r: r["val_loss"])["epoch"] if rows else None
 
 
 def _save_optimizer(optimizer, path: Path) -> None:
@@ -547,17 +549,10 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_fr
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.model.save_weights(run.epoch_weights(done))
             _save_optimizer(self.model.optimizer, run.epoch_optimizer(done))
-            # Validation loss, not ROC-AUC: on this data the AUC saturates near 0.99 and moves by
-            # noise between epochs, while the loss also tells calibrated checkpoints from ones
-            # that push most pneumonia cases far below 0.5.
-            best = progress.get("best_val_loss")
-            if phase.size == INPUT_SIZE and row.get("val_loss") is not None and (
-                    best is None or row["val_loss"] < best):
-                progress["best_val_loss"], progress["best_epoch"] = row["val_loss"], done
             progress["history"].append(row)
             progress["completed_epochs"] = done
             run.save_progress(progress)
-            kept = {done, progress.get("best_epoch")}
+            kept = {done, best_224_epoch(progress["history"])}
             if averaged_from is not None:
                 kept |= set(range(averaged_from, done + 1))
             run.sweep(kept, keep_optimizer=done)
