@@ -28,5 +28,14 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         raise
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file that another library wrote, before anything that names it is written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, payload) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import write_atomic, write_json_atomic
+from .atomic import fsync_file, write_atomic, write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, sha256_of)
@@ -548,6 +548,7 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_fr
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.model.save_weights(run.epoch_weights(done))
+            fsync_file(run.epoch_weights(done))  # on disk before the progress file names it
             _save_optimizer(self.model.optimizer, run.epoch_optimizer(done))
             progress["history"].append(row)
             progress["completed_epochs"] = done

@@ -100,6 +100,32 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
                                atol=1e-6)
 
 
+def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, tmp_path):
+    """A run killed after its early stop, before the model was saved: the resume trains no
+    more epochs of that phase and saves its best epoch."""
+    from pneumonia_batch.train import train
+
+    out, _, _ = tiny_training
+    run_dir = tmp_path / "run"
+    shutil.copytree(out.parent / "run", run_dir)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    # epoch 3 of the 224 px phase was worse than epoch 2: at patience 1 the phase stopped there
+    progress["history"].append(dict(progress["history"][-1], epoch=3,
+                                    val_loss=progress["history"][-1]["val_loss"] + 1.0))
+    progress["completed_epochs"] = 3
+    (run_dir / "progress.json").write_text(json.dumps(progress))
+    shutil.copy(run_dir / "epoch-002.weights.h5", run_dir / "epoch-003.weights.h5")
+    resumed, logged = tmp_path / "resumed.keras", []
+    train(KERMANY, resumed, parse_schedule("32:1,224:4"), batch_size=4, limit=4, run_dir=run_dir,
+          resume=True, patience=1, log=logged.append)
+    assert "phase 2/2 had stopped early after epoch 3" in logged
+    assert not any(line.startswith(("phase 2/2: 224px", "restored the optimiser")) for line in logged)
+    assert json.loads((run_dir / "progress.json").read_text()) == progress  # no epoch 4
+    assert not (run_dir / "epoch-004.weights.h5").exists()
+    saved = json.loads(metadata_path(resumed).read_text())["training"]
+    assert saved["epochs_run"] == 3 and saved["checkpoint"].startswith("epoch 2,")
+
+
 @pytest.mark.parametrize("losses, patience", [
     ([0.9, 0.8, 0.85, 0.86, 0.87, 0.7], 3),  # two plateau cuts, then the early stop
     ([0.9, 0.8, 0.8, 0.8, 0.8, 0.7], 3),  # an equal loss is no improvement
