@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path`` and fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -26,10 +26,14 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # the rename itself, before anything done later (a deletion) reaches the disk
+        fsync_file(path.parent)
+    except OSError:  # some file systems cannot fsync a folder; the file is in place all the same
+        pass
 
 
 def fsync_file(path: Path) -> None:
-    """Flush a file that another library wrote, before anything that names it is written."""
+    """Flush a file (one another library wrote) or a folder's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

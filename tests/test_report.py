@@ -61,3 +61,15 @@ def test_failed_write_leaves_the_old_report_untouched(tmp_path, monkeypatch):
         report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
     assert target.read_text() == "previous report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
+
+
+def test_a_folder_that_cannot_be_flushed_still_gets_the_report(tmp_path, monkeypatch):
+    """Some file systems refuse fsync on a folder: the report is in place all the same."""
+    def no_folder_fsync(path):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr("pneumonia_batch.atomic.fsync_file", no_folder_fsync)
+    target = tmp_path / "report.csv"
+    report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    assert target.read_text().startswith("study_id,patient_id,")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
