@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -28,8 +29,9 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         raise
     try:  # the rename itself, before anything done later (a deletion) reaches the disk
         fsync_file(path.parent)
-    except OSError:  # some file systems cannot fsync a folder; the file is in place all the same
-        pass
+    except OSError as error:  # a file system that cannot fsync a folder; the file is in place all the same
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES):
+            raise
 
 
 def fsync_file(path: Path) -> None:

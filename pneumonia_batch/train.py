@@ -548,7 +548,9 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_fr
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self.model.save_weights(run.epoch_weights(done))
-            fsync_file(run.epoch_weights(done))  # on disk before the progress file names it
+            # its contents on disk before the progress file names it; its name goes with the
+            # folder flush of the optimiser file's atomic write
+            fsync_file(run.epoch_weights(done))
             _save_optimizer(self.model.optimizer, run.epoch_optimizer(done))
             progress["history"].append(row)
             progress["completed_epochs"] = done

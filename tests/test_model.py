@@ -114,7 +114,11 @@ def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, t
                                     val_loss=progress["history"][-1]["val_loss"] + 1.0))
     progress["completed_epochs"] = 3
     (run_dir / "progress.json").write_text(json.dumps(progress))
-    shutil.copy(run_dir / "epoch-002.weights.h5", run_dir / "epoch-003.weights.h5")
+    epoch_2 = build_model(224, init="random")
+    epoch_2.load_weights(run_dir / "epoch-002.weights.h5")
+    epoch_3 = build_model(224, init="random")
+    epoch_3.set_weights([w * 0.5 for w in epoch_2.get_weights()])
+    epoch_3.save_weights(run_dir / "epoch-003.weights.h5")
     resumed, logged = tmp_path / "resumed.keras", []
     train(KERMANY, resumed, parse_schedule("32:1,224:4"), batch_size=4, limit=4, run_dir=run_dir,
           resume=True, patience=1, log=logged.append)
@@ -124,6 +128,12 @@ def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, t
     assert not (run_dir / "epoch-004.weights.h5").exists()
     saved = json.loads(metadata_path(resumed).read_text())["training"]
     assert saved["epochs_run"] == 3 and saved["checkpoint"].startswith("epoch 2,")
+    from pneumonia_batch.inference import KerasRunner
+
+    batch = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3)).astype(np.uint8)
+    expected = [np.asarray(m(batch.astype(np.float32), training=False))[:, 1] for m in (epoch_2, epoch_3)]
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3  # the two epochs are told apart
+    np.testing.assert_allclose(KerasRunner(resumed, "raw").predict(batch), expected[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("losses, patience", [

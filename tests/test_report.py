@@ -1,8 +1,10 @@
 """The report: one row per study, safe for spreadsheets, written atomically."""
 
 import csv
+import errno
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,13 +65,18 @@ def test_failed_write_leaves_the_old_report_untouched(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
 
 
-def test_a_folder_that_cannot_be_flushed_still_gets_the_report(tmp_path, monkeypatch):
-    """Some file systems refuse fsync on a folder: the report is in place all the same."""
-    def no_folder_fsync(path):
-        raise OSError(22, "Invalid argument")
+def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_path, monkeypatch):
+    """The rename is flushed with the folder; some file systems refuse that, and the report is
+    in place all the same."""
+    flushed = []
 
-    monkeypatch.setattr("pneumonia_batch.atomic.fsync_file", no_folder_fsync)
+    def folder_fsync_refused(path):
+        flushed.append(Path(path))
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr("pneumonia_batch.atomic.fsync_file", folder_fsync_refused)
     target = tmp_path / "report.csv"
     report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    assert flushed == [tmp_path]
     assert target.read_text().startswith("study_id,patient_id,")
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
