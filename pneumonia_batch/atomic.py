@@ -28,13 +28,13 @@ def write_atomic(path: Path, content: str | bytes) -> None:
             os.unlink(tmp)
         raise
     try:  # the rename itself, before anything done later (a deletion) reaches the disk
-        fsync_file(path.parent)
+        fsync_path(path.parent)
     except OSError as error:  # a file system that cannot fsync a folder; the file is in place all the same
         if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES):
             raise
 
 
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file (one another library wrote) or a folder's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:

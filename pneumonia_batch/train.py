@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import fsync_file, write_atomic, write_json_atomic
+from .atomic import fsync_path, write_atomic, write_json_atomic
 from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, sha256_of)
@@ -444,7 +444,7 @@ def best_224_epoch(history: list[dict]) -> int | None:
     noise between epochs, while the loss also tells calibrated checkpoints from ones
     that push most pneumonia cases far below 0.5.
     """
-    rows = [r for r in history if r["size"] == INPUT_SIZE and r.get("val_loss") is not None]
+    rows = [r for r in history if r["size"] == INPUT_SIZE]  # every epoch validates: never an empty split
     return min(rows, key=lambda r: r["val_loss"])["epoch"] if rows else None
 
 
@@ -550,7 +550,7 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_fr
             self.model.save_weights(run.epoch_weights(done))
             # its contents on disk before the progress file names it; its name goes with the
             # folder flush of the optimiser file's atomic write
-            fsync_file(run.epoch_weights(done))
+            fsync_path(run.epoch_weights(done))
             _save_optimizer(self.model.optimizer, run.epoch_optimizer(done))
             progress["history"].append(row)
             progress["completed_epochs"] = done

@@ -29,6 +29,14 @@ def tiny_training(tmp_path_factory):
     return out, model, meta
 
 
+def pneumonia_probabilities(model, batch):
+    return np.asarray(model(batch.astype(np.float32), training=False))[:, 1]
+
+
+def random_batch(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3)).astype(np.uint8)
+
+
 def test_training_writes_model_metadata_history_and_threshold(tiny_training):
     out, _, meta = tiny_training
     saved = json.loads(metadata_path(out).read_text())
@@ -46,10 +54,9 @@ def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
     from pneumonia_batch.inference import KerasRunner
 
     out, model, _ = tiny_training
-    batch = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3)).astype(np.uint8)
-    in_memory = np.asarray(model(batch.astype(np.float32), training=False))[:, 1]
-    reloaded = KerasRunner(out, "raw").predict(batch)
-    np.testing.assert_allclose(reloaded, in_memory, atol=1e-6)
+    batch = random_batch(3, seed=0)
+    np.testing.assert_allclose(KerasRunner(out, "raw").predict(batch), pneumonia_probabilities(model, batch),
+                               atol=1e-6)
 
 
 def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, monkeypatch):
@@ -94,10 +101,9 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
 
     reference = build_model(224, init="random")
     reference.load_weights(best_weights)
-    batch = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3)).astype(np.uint8)
+    batch = random_batch(2, seed=1)
     np.testing.assert_allclose(KerasRunner(resumed, "raw").predict(batch),
-                               np.asarray(reference(batch.astype(np.float32), training=False))[:, 1],
-                               atol=1e-6)
+                               pneumonia_probabilities(reference, batch), atol=1e-6)
 
 
 def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, tmp_path):
@@ -130,8 +136,8 @@ def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, t
     assert saved["epochs_run"] == 3 and saved["checkpoint"].startswith("epoch 2,")
     from pneumonia_batch.inference import KerasRunner
 
-    batch = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3)).astype(np.uint8)
-    expected = [np.asarray(m(batch.astype(np.float32), training=False))[:, 1] for m in (epoch_2, epoch_3)]
+    batch = random_batch(2, seed=2)
+    expected = [pneumonia_probabilities(m, batch) for m in (epoch_2, epoch_3)]
     assert np.abs(expected[0] - expected[1]).max() > 1e-3  # the two epochs are told apart
     np.testing.assert_allclose(KerasRunner(resumed, "raw").predict(batch), expected[0], atol=1e-6)
 

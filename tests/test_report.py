@@ -74,7 +74,7 @@ def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_
         flushed.append(Path(path))
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr("pneumonia_batch.atomic.fsync_file", folder_fsync_refused)
+    monkeypatch.setattr("pneumonia_batch.atomic.fsync_path", folder_fsync_refused)
     target = tmp_path / "report.csv"
     report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
     assert flushed == [tmp_path]
