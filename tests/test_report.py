@@ -80,3 +80,14 @@ def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_
     assert flushed == [tmp_path]
     assert target.read_text().startswith("study_id,patient_id,")
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
+
+
+def test_a_disk_error_while_flushing_the_folder_is_raised(tmp_path, monkeypatch):
+    """Only a file system that cannot flush a folder is passed over; a failing disk is not."""
+    def folder_fsync_failed(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("pneumonia_batch.atomic.fsync_path", folder_fsync_failed)
+    with pytest.raises(OSError) as raised:
+        report.write_report(tmp_path / "report.csv", "csv", [], report.RunSummary(run_id="r"))
+    assert raised.value.errno == errno.EIO
