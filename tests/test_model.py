@@ -418,3 +418,23 @@ def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "cannot resume" in result.stderr and "epoch-003.weights.h5" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "m.keras").exists()
+
+
+def test_the_shipped_models_recorded_validation_figures_come_out_again(tmp_path):
+    """The model card's validation figures hold for the shipped file with today's preprocessing."""
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    shipped = ROOT / "weights" / "densenet121_pneumonia.keras"
+    copy = tmp_path / shipped.name
+    shutil.copy(shipped, copy)
+    shutil.copy(metadata_path(shipped), metadata_path(copy))
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "calibrate", str(KERMANY),
+                             "--model", str(copy)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads(metadata_path(shipped).read_text())
+    again = json.loads(metadata_path(copy).read_text())
+    assert again["validation"]["n_images"] == recorded["validation"]["n_images"] == 525
+    for at in ("at_threshold", "at_0.5"):
+        assert again["validation"][at]["confusion_matrix"] == recorded["validation"][at]["confusion_matrix"]
+    assert again["validation"]["roc_auc"] == pytest.approx(recorded["validation"]["roc_auc"], abs=1e-4)
+    assert again["threshold"]["value"] == pytest.approx(recorded["threshold"]["value"], abs=1e-4)
