@@ -13,6 +13,10 @@ from .model import DEFAULT_MODEL, INPUT_SCALES
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
 
+
+def to_stderr(message: str) -> None:
+    click.echo(message, err=True)
+
 SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
 
 \b
@@ -98,7 +102,7 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
                      frozen_epochs=frozen_epochs, batch_size=batch_size, val_fraction=val_fraction,
                      seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
                      target_sensitivity=target_sensitivity, from_model=from_model,
-                     average_last=average_last, log=lambda m: click.echo(m, err=True))
+                     average_last=average_last, log=to_stderr)
     except FileNotFoundError as exc:  # a run folder missing the checkpoints it records
         raise click.ClickException(str(exc))
 
@@ -107,23 +111,37 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_MODEL, show_default=True)
-@click.option("--target-sensitivity", default=0.97, show_default=True)
-def calibrate(data_dir, model_path, target_sensitivity):
-    """Re-choose the model's threshold on the validation split it was trained with.
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.97,
+              show_default=True)
+@click.option("--local", is_flag=True,
+              help="DATA_DIR/{NORMAL,PNEUMONIA} holds labelled images of your own (DICOM, PNG or JPEG, "
+                   "at any depth): choose the threshold on all of them.")
+def calibrate(data_dir, model_path, target_sensitivity, local):
+    """Re-choose the model's threshold and store it in the model's metadata.
 
-    DATA_DIR is the training data; the validation split is rebuilt from the
-    patient split recorded in the model's metadata.
+    \b
+    By default DATA_DIR is the training data, and the validation split is
+    rebuilt from the patient split recorded in the model's metadata.  With
+    --local, the threshold is chosen on your own labelled images instead.
     """
     import json
 
-    from .dataset import list_labelled, resolve_split, split_by_patient
+    from .dataset import TRAINING_KINDS, VALIDATION_SPLIT, list_labelled, resolve_split, split_by_patient
     from .evaluate import calibrate_model
     from .model import metadata_path
 
-    training = json.loads(metadata_path(model_path).read_text())["training"]
-    _, val_items = split_by_patient(list_labelled(resolve_split(data_dir, "train")),
-                                    training["validation_fraction"], training["seed"])
-    calibrate_model(model_path, val_items, target_sensitivity, log=lambda m: click.echo(m, err=True))
+    try:
+        if local:
+            items, unused = list_labelled(data_dir)
+            calibrate_model(model_path, items, f"the labelled folder {data_dir.resolve()}", target_sensitivity,
+                            unused, log=to_stderr)
+        else:
+            training = json.loads(metadata_path(model_path).read_text())["training"]
+            items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
+            _, val_items = split_by_patient(items, training["validation_fraction"], training["seed"])
+            calibrate_model(model_path, val_items, VALIDATION_SPLIT, target_sensitivity, log=to_stderr)
+    except (FileNotFoundError, ValueError) as exc:  # no usable images, no pneumonia case among them
+        raise click.ClickException(str(exc))
 
 
 @main.command()
@@ -145,15 +163,21 @@ def convert(model_path):
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation"),
               show_default=True, help="Where evaluation.json, roc.png and confusion.png go.")
 def evaluate(data_dir, model_path, split, out_dir):
-    """Evaluate the model on a labelled folder DATA_DIR/{NORMAL,PNEUMONIA}."""
+    """Evaluate the model on a labelled folder DATA_DIR/{NORMAL,PNEUMONIA}.
+
+    The folders may hold DICOM, PNG or JPEG files at any depth; they are read
+    and filtered as screening reads them, and files not used are listed.
+    """
     from .dataset import list_labelled, resolve_split
     from .evaluate import evaluate as run_evaluation, format_table
 
-    result = run_evaluation(model_path, list_labelled(resolve_split(data_dir, split)), out_dir)
+    try:
+        items, unused = list_labelled(resolve_split(data_dir, split))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc))
+    result = run_evaluation(model_path, items, out_dir, unused)
     click.echo(format_table(result))
     click.echo(f"written to {out_dir}/", err=True)
-
-
 
 
 @click.command(help=SCREEN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -216,7 +240,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
     except ModelError as exc:
         _fatal(str(exc))
-    say = (lambda m: click.echo(m, err=True)) if verbose and not quiet else (lambda m: None)
+    say = to_stderr if verbose and not quiet else (lambda m: None)
     say(f"model {info.path.name} sha256 {info.sha256[:12]}, "
         f"threshold {info.threshold:g} ({info.threshold_source})")
     show_bar = sys.stderr.isatty() if progress is None else progress

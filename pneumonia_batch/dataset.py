@@ -1,6 +1,8 @@
 """Labelled chest X-ray folders (Kaggle/Kermany layout) and the patient-level split.
 
-Layout: ``DIR/{NORMAL,PNEUMONIA}/*`` or ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}/*``.
+Layout: ``DIR/{NORMAL,PNEUMONIA}/...`` or ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}/...``,
+files at any depth.  Files are identified and filtered as screening does them,
+so an evaluation measures what screening would do with the same files.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import discover
 from .model import CLASS_NAMES
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+# Training decodes with tf.io inside the tf.data pipeline, which reads PNG and JPEG only.
+TRAINING_KINDS = ("png", "jpeg")
+
+VALIDATION_SPLIT = "the patient-held-out validation split of the training data"
 
 # Kermany file names carry the patient: personN_bacteria_M / personN_virus_M for
 # pneumonia, IM-NNNN-... and NORMAL2-IM-NNNN-... for normal.
@@ -26,6 +32,15 @@ _PATIENT_PATTERNS = (
 class LabelledImage:
     path: Path
     label: int  # index into CLASS_NAMES
+    kind: str = "jpeg"  # png, jpeg or dicom: how the file is decoded
+
+
+@dataclass(frozen=True)
+class UnusedFile:
+    """A file under a class folder that was not used, and why (a screening reason code)."""
+
+    path: Path
+    reason: str
 
 
 def patient_of(path: Path) -> str:
@@ -38,20 +53,41 @@ def patient_of(path: Path) -> str:
     return Path(path).stem
 
 
-def list_labelled(directory: Path) -> list[LabelledImage]:
-    """Images under ``directory/{NORMAL,PNEUMONIA}``, sorted for reproducibility."""
+def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dicom"),
+                  ) -> tuple[list[LabelledImage], list[UnusedFile]]:
+    """Images under ``directory/{NORMAL,PNEUMONIA}`` at any depth, sorted, and the files not used.
+
+    A file is used when screening would score it (an eligible DICOM instance,
+    a PNG or a JPEG) and its kind is one of ``kinds`` (``TRAINING_KINDS`` for
+    training data); every other file is returned with its reason.
+    """
     directory = Path(directory)
-    items = []
+    items: list[LabelledImage] = []
+    unused: list[UnusedFile] = []
     for label, name in enumerate(CLASS_NAMES):
         class_dir = directory / name
         if not class_dir.is_dir():
             continue
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                items.append(LabelledImage(path, label))
+        for found in discover.walk(class_dir):
+            discover.identify(found)
+            if found.status != "pending":
+                reason = found.reason if found.status == "skipped" else f"{found.status}: {found.reason}"
+                unused.append(UnusedFile(found.path, reason))
+            elif found.kind not in kinds:
+                unused.append(UnusedFile(found.path, f"{found.kind}_not_used_for_training"))
+            else:
+                items.append(LabelledImage(found.path, label, found.kind))
     if not items:
-        raise FileNotFoundError(f"no images under {directory}/{{{','.join(CLASS_NAMES)}}}")
-    return items
+        raise FileNotFoundError(f"no usable images under {directory}/{{{','.join(CLASS_NAMES)}}}")
+    return items, unused
+
+
+def reason_counts(unused: list[UnusedFile]) -> str:
+    """``not_an_image (2); not_frontal_view (1)``: what a user needs to see at a glance."""
+    counts: dict[str, int] = {}
+    for u in unused:
+        counts[u.reason] = counts.get(u.reason, 0) + 1
+    return "; ".join(f"{reason} ({n})" for reason, n in sorted(counts.items()))
 
 
 def resolve_split(data_dir: Path, split: str) -> Path:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .dataset import LabelledImage
+from .dataset import LabelledImage, UnusedFile, reason_counts
 from .model import CLASS_NAMES, metadata_path, read_model_info
+
+Z_95 = 1.959964  # two-sided 95 % normal quantile
 
 
 def confusion_matrix(labels: np.ndarray, flagged: np.ndarray) -> np.ndarray:
@@ -27,8 +29,22 @@ def confusion_matrix(labels: np.ndarray, flagged: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def wilson_interval(successes: int, n: int) -> list[float]:
+    """95 % Wilson score interval of a proportion; [0, 1] when there is nothing to count.
+
+    Sensitivity and specificity are proportions of a few hundred cases at best:
+    the interval says how far they may move on the next images of the same kind.
+    """
+    if n == 0:
+        return [0.0, 1.0]
+    p, z2 = successes / n, Z_95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity and a per-class report at one threshold."""
+    """Accuracy, sensitivity, specificity (with 95 % intervals) and a per-class report at one threshold."""
     matrix = confusion_matrix(labels, np.asarray(probabilities) >= threshold)
     (tn, fp), (fn, tp) = matrix
     report = {}
@@ -46,6 +62,8 @@ def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) 
         "accuracy": float((tn + tp) / total) if total else 0.0,
         "sensitivity": float(tp / (tp + fn)) if tp + fn else 0.0,
         "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+        "sensitivity_95ci": wilson_interval(int(tp), int(tp + fn)),
+        "specificity_95ci": wilson_interval(int(tn), int(tn + fp)),
         "confusion_matrix": matrix.tolist(),
         "classification_report": report,
     }
@@ -84,58 +102,82 @@ def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray,
     return float(positives[max(needed, 1) - 1])
 
 
-def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str,
-                  batch_size: int = 32) -> np.ndarray:
-    """Pneumonia probabilities for labelled image files, through the screening preprocessing."""
+def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str, batch_size: int = 32,
+                  ) -> tuple[list[LabelledImage], np.ndarray, list[UnusedFile]]:
+    """Pneumonia probabilities through the screening decode and preprocessing.
+
+    Returns the items that decoded, their probabilities, and the files that did
+    not decode with the error screening would report for them.
+    """
     from .inference import KerasRunner
-    from .preprocess import model_input_from_file
+    from .pipeline import decode_for_model
 
     runner = KerasRunner(model_path, input_scale)
-    out = []
+    kept, failed, out = [], [], []
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = np.stack([model_input_from_file(str(i.path), "image")[0] for i in chunk])
-        out.append(runner.predict(batch))
-    return np.concatenate(out)
+        inputs = []
+        for item in items[start:start + batch_size]:
+            array, _, error = decode_for_model(str(item.path), item.kind)
+            if array is None:
+                failed.append(UnusedFile(item.path, f"error: {error}"))
+            else:
+                kept.append(item)
+                inputs.append(array)
+        if inputs:
+            out.append(runner.predict(np.stack(inputs)))
+    return kept, (np.concatenate(out) if out else np.zeros(0, np.float32)), failed
 
 
-def calibrate_model(model_path: Path, val_items: list[LabelledImage], target_sensitivity: float = 0.97,
-                    log=print) -> dict:
-    """Choose the threshold on validation data and store it in the model's metadata."""
+def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, target_sensitivity: float = 0.97,
+                    unused: list[UnusedFile] = (), log=print) -> dict:
+    """Choose the threshold on labelled data and store it in the model's metadata.
+
+    ``data`` says what the images are, for the record: the patient-held-out
+    validation split of the training data, or a user's own labelled images.
+    """
     model_path = Path(model_path)
     meta_file = metadata_path(model_path)
     meta = json.loads(meta_file.read_text())
-    labels = np.array([i.label for i in val_items])
-    probabilities = predict_items(model_path, val_items, meta["preprocessing"]["input_scale"])
+    items, probabilities, failed = predict_items(model_path, items, meta["preprocessing"]["input_scale"])
+    unused = [*unused, *failed]
+    labels = np.array([i.label for i in items], int)
     threshold = threshold_for_sensitivity(labels, probabilities, target_sensitivity)
     at_threshold = metrics_at(labels, probabilities, threshold)
     meta["threshold"] = {
         "value": threshold,
         "method": f"highest threshold reaching pneumonia sensitivity >= {target_sensitivity:g} "
-                  f"on the {len(val_items)}-image patient-held-out validation split",
+                  f"on {data} ({len(items)} images)",
         "target_sensitivity": target_sensitivity,
         "chosen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta["validation"] = {
-        "n_images": len(val_items),
+        "data": data,
+        "n_images": len(items),
         "n_pneumonia": int(labels.sum()),
+        "not_used": reason_counts(unused),
         "roc_auc": roc_auc(labels, probabilities),
         "at_threshold": at_threshold,
         "at_0.5": metrics_at(labels, probabilities, 0.5),
-        "note": "the threshold and the checkpoint were chosen on this split, so these figures are "
-                "optimistic; judge the model on data it never saw",
+        "note": "the threshold was chosen on these images, so these figures are optimistic; "
+                "judge the model on data it never saw",
     }
     write_json_atomic(meta_file, meta)
-    log(f"threshold {threshold:.4f}: validation sensitivity {at_threshold['sensitivity']:.3f}, "
-        f"specificity {at_threshold['specificity']:.3f}, AUC {meta['validation']['roc_auc']:.4f}")
+    if unused:
+        log(f"{len(unused)} files not used: {reason_counts(unused)}")
+    low, high = at_threshold["sensitivity_95ci"]
+    log(f"threshold {threshold:.4f} on {len(items)} images ({int(labels.sum())} pneumonia): sensitivity "
+        f"{at_threshold['sensitivity']:.3f} (95 % interval {low:.3f}-{high:.3f}), specificity "
+        f"{at_threshold['specificity']:.3f}, AUC {meta['validation']['roc_auc']:.4f}")
     return meta
 
 
-def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path) -> dict:
+def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
+             unused: list[UnusedFile] = ()) -> dict:
     """Metrics at the model's threshold and at 0.5, as JSON plus ROC and confusion PNGs."""
     info = read_model_info(model_path)
-    labels = np.array([i.label for i in items])
-    probabilities = predict_items(model_path, items, info.input_scale)
+    items, probabilities, failed = predict_items(model_path, items, info.input_scale)
+    unused = [*unused, *failed]
+    labels = np.array([i.label for i in items], int)
     result = {
         "model": str(model_path),
         "model_sha256": info.sha256,
@@ -146,6 +188,7 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path) -> dic
         "at_0.5": metrics_at(labels, probabilities, 0.5),
         "images": [{"path": str(i.path), "label": CLASS_NAMES[i.label], "probability": float(p)}
                    for i, p in zip(items, probabilities)],
+        "not_used": [{"path": str(u.path), "reason": u.reason} for u in unused],
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,16 +200,22 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path) -> dic
 def format_table(result: dict) -> str:
     lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), "
              f"ROC-AUC {result['roc_auc']:.4f}"]
+    if result["not_used"]:
+        unused = [UnusedFile(Path(u["path"]), u["reason"]) for u in result["not_used"]]
+        lines.append(f"{len(unused)} files not used: {reason_counts(unused)}")
     for key in ("at_model_threshold", "at_0.5"):
         m = result[key]
         (tn, fp), (fn, tp) = m["confusion_matrix"]
+        sensitivity, specificity = (f"{m[k]:.3f} ({m[k + '_95ci'][0]:.3f}-{m[k + '_95ci'][1]:.3f})"
+                                    for k in ("sensitivity", "specificity"))
         lines.append(f"threshold {m['threshold']:.4f}: accuracy {m['accuracy']:.3f}  "
-                     f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
+                     f"sensitivity {sensitivity}  specificity {specificity}  "
                      f"confusion [[TN {tn}, FP {fp}], [FN {fn}, TP {tp}]]")
         lines.append(f"  {'class':<10} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
         for name, row in m["classification_report"].items():
             lines.append(f"  {name:<10} {row['precision']:>9.3f} {row['recall']:>7.3f} "
                          f"{row['f1']:>6.3f} {row['support']:>8d}")
+    lines.append("sensitivity and specificity with their 95 % Wilson intervals")
     return "\n".join(lines)
 
 

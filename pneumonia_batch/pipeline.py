@@ -42,7 +42,7 @@ def _end_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _decode(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
+def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
     """Worker: (model input, note, error message)."""
     try:
         array, note = model_input_from_file(path, kind)
@@ -55,7 +55,7 @@ def _decode(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
 
 
 def decoded(files: list[InputFile], workers: int,
-            decode: Callable = _decode) -> Iterator[tuple[InputFile, np.ndarray | None]]:
+            decode: Callable = decode_for_model) -> Iterator[tuple[InputFile, np.ndarray | None]]:
     """Yield (file, model input or None) in order; failures are recorded on the file.
 
     A decoder process that dies (a codec segfault, the kernel's OOM killer)

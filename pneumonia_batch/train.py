@@ -31,7 +31,8 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import fsync_path, write_atomic, write_json_atomic
-from .dataset import LabelledImage, list_labelled, patient_of, resolve_split, split_by_patient
+from .dataset import (TRAINING_KINDS, VALIDATION_SPLIT, LabelledImage, list_labelled, patient_of,
+                      reason_counts, resolve_split, split_by_patient)
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, sha256_of)
 
@@ -276,7 +277,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                                 f"{run.progress} records, is missing")
 
     train_dir = resolve_split(data_dir, "train")
-    train_items, val_items = split_by_patient(list_labelled(train_dir), val_fraction, seed)
+    items, unused = list_labelled(train_dir, TRAINING_KINDS)
+    if unused:
+        log(f"{len(unused)} files under {train_dir} not used: {reason_counts(unused)}")
+    train_items, val_items = split_by_patient(items, val_fraction, seed)
     if limit:  # tiny runs for tests and smoke checks
         train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)
     weights = class_weights(train_items)
@@ -391,7 +395,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         "environment": {"python": platform.python_version(), "keras": keras.__version__},
     }
     write_json_atomic(metadata_path(out), metadata)
-    return final, calibrate_model(out, val_items, target_sensitivity=target_sensitivity, log=log)
+    return final, calibrate_model(out, val_items, VALIDATION_SPLIT, target_sensitivity, log=log)
 
 
 def _callbacks(run: _RunFolder, progress: dict, phase: Phase, epoch_start: int, averaging: bool,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pneumonia_batch.evaluate import (confusion_matrix, metrics_at, roc_auc,
-                                      threshold_for_sensitivity)
+from pneumonia_batch.evaluate import (confusion_matrix, metrics_at, roc_auc, threshold_for_sensitivity,
+                                      wilson_interval)
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 SCORES = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.7, 0.6, 0.3, 0.95, 0.5])
@@ -46,3 +46,14 @@ def test_calibration_finds_the_highest_threshold_reaching_the_target():
 
 def test_confusion_matrix_shape():
     assert confusion_matrix([0, 1, 1], [False, True, False]).tolist() == [[1, 0], [1, 1]]
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10) = 0.7167, half-width 0.2266 (z = 1.96)
+    assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    # all of n: the upper end is 1 and the lower n / (n + z^2)
+    assert wilson_interval(10, 10) == pytest.approx([10 / (10 + 1.959964 ** 2), 1.0])
+    assert wilson_interval(0, 0) == [0.0, 1.0]
+    m = metrics_at(LABELS, SCORES, 0.5)  # sensitivity 5/6, specificity 3/4 (above)
+    assert m["sensitivity_95ci"] == pytest.approx(wilson_interval(5, 6))
+    assert m["specificity_95ci"] == pytest.approx(wilson_interval(3, 4))

@@ -203,7 +203,7 @@ def test_training_shuffle_follows_the_seed():
 
     if not KERMANY.is_dir():
         pytest.skip("training data not available")
-    items = list_labelled(KERMANY / "train")
+    items, _ = list_labelled(KERMANY / "train")
     items = [i for i in items if i.label == 0][:4] + [i for i in items if i.label == 1][:4]
 
     def label_order(seed):
@@ -235,20 +235,58 @@ def test_model_without_metadata_needs_scale_and_threshold(tiny_training, tmp_pat
     assert (info.threshold, info.threshold_source) == (0.3, "command line")
 
 
-def test_evaluate_command_writes_metrics_and_plots(tiny_training, tmp_path):
+def pneumonia_batch_command(*args):
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, args)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_training, tmp_path):
+    """A labelled folder of JPEGs and a DICOM study: evaluate, calibrate --local, then screen with it."""
+    from tests.dicom_factory import chest_pixels, make_dataset, save
+
     out, _, _ = tiny_training
     data = tmp_path / "data"
     for label in ("NORMAL", "PNEUMONIA"):
         (data / label).mkdir(parents=True)
         for source in sorted((ROOT / "examples" / "studies" / f"paediatric-{label.lower()}").iterdir()):
             shutil.copy(source, data / label)
-    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "evaluate", str(data), "--model", str(out),
-                             "--out-dir", str(tmp_path / "ev")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    (data / "PNEUMONIA" / "study-7").mkdir()
+    dicom = save(make_dataset(chest_pixels(), photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096),
+                 data / "PNEUMONIA" / "study-7" / "frontal.dcm")
+    (data / "NORMAL" / "notes.txt").write_text("reviewed")
+
+    result = pneumonia_batch_command("evaluate", data, "--model", out, "--out-dir", tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    assert saved["n_images"] == 4 and saved["n_pneumonia"] == 2
-    assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 4
-    assert "ROC-AUC" in result.stdout and (tmp_path / "ev" / "roc.png").is_file()
+    assert saved["n_images"] == 5 and saved["n_pneumonia"] == 3
+    assert saved["not_used"] == [{"path": str(data / "NORMAL" / "notes.txt"), "reason": "not_an_image"}]
+    assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 5
+    assert "ROC-AUC" in result.stdout and "1 files not used: not_an_image (1)" in result.stdout
+    assert (tmp_path / "ev" / "roc.png").is_file()
+    evaluated = {Path(i["path"]).name: i["probability"] for i in saved["images"]}
+
+    model = tmp_path / "ours" / "tiny.keras"  # local calibration rewrites the metadata: use a copy
+    model.parent.mkdir()
+    shutil.copy(out, model)
+    shutil.copy(metadata_path(out), metadata_path(model))
+    result = pneumonia_batch_command("calibrate", data, "--local", "--model", model)
+    meta = json.loads(metadata_path(model).read_text())
+    pneumonia = [i["probability"] for i in saved["images"] if i["label"] == "PNEUMONIA"]
+    assert meta["threshold"]["value"] == pytest.approx(min(pneumonia), abs=1e-6)  # 0.97 of 3 needs all 3
+    assert str(data) in meta["threshold"]["method"] and meta["validation"]["not_used"] == "not_an_image (1)"
+    assert meta["validation"]["n_images"] == 5 and "95 % interval" in result.stderr
+
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(ROOT / "screen.py"), str(data / "PNEUMONIA"), "--out", str(report),
+                    "--model", str(model), "--runtime", "keras", "--no-progress"], check=True, cwd=ROOT)
+    screened = json.loads(report.read_text())
+    assert screened["run"]["threshold"] == meta["threshold"]["value"]
+    images = {Path(i["file"]).name: i["probability"] for s in screened["studies"] for i in s["images"]}
+    assert images.keys() == {"frontal.dcm", *(n for n in evaluated if n.startswith("person"))}
+    for name, probability in images.items():
+        assert probability == pytest.approx(evaluated[name], abs=1e-5)
+    assert min(images.values()) >= meta["threshold"]["value"] - 1e-6
 
 
 def test_imagenet_init_loads_the_given_weight_file(tmp_path):
