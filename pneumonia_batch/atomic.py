@@ -18,7 +18,8 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the report
         binary = isinstance(content, bytes)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
+        text_mode = {} if binary else {"newline": "", "encoding": "utf-8"}  # not the locale's: cron's may be ASCII
+        with os.fdopen(fd, "wb" if binary else "w", **text_mode) as handle:
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ Exit codes:
   1  the run completed but some files could not be read (rows with status error)
   2  usage error
   3  another run holds the lock on the state database
-  4  fatal: model missing or invalid, output not writable
+  4  fatal: model missing or invalid, output not writable, state database damaged
 """
 
 
@@ -233,6 +234,9 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
                                  param_hint="--out")
     if include_previous and not state_path:
         raise click.UsageError("--include-previous needs --state")
+    if export_dir is not None and export_dir.resolve() == directory.resolve():
+        raise click.UsageError("--export-flagged must not be DIRECTORY itself: the exported copies would "
+                               "be screened as new studies")
     for option, path in (("--out", out), ("--state", state_path), ("--log-file", log_file)):
         if path is not None and not path.parent.is_dir():
             _fatal(f"{option}: folder {path.parent} does not exist")
@@ -256,6 +260,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         sys.exit(EXIT_LOCKED)
     except ModelError as exc:
         _fatal(str(exc))
+    except sqlite3.Error as exc:  # not a database, a disk full on commit, locked past the timeout
+        _fatal(f"--state {state_path}: {exc}")
     except OSError as exc:
         _fatal(f"cannot write the report: {exc}")
     if not quiet:

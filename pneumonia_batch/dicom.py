@@ -66,17 +66,18 @@ def _text(ds, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def read_dataset(path: Path, stop_before_pixels: bool):
+def read_dataset(path: Path, stop_before_pixels: bool, defer_size: int | None = None):
     """Read a DICOM file, with or without preamble / file meta.
 
     Files written without a file meta header have no transfer syntax; pydicom
     reads them by guessing the encoding, and decoding their pixels needs that
-    guess recorded as the transfer syntax.
+    guess recorded as the transfer syntax.  ``defer_size``: values longer than
+    this are left on disk until used.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True, defer_size=defer_size)
     if "TransferSyntaxUID" not in ds.file_meta:
         if ds.original_encoding[0] is None:  # nothing was parsed
             raise InvalidDicomError("no DICOM elements found")
@@ -86,11 +87,24 @@ def read_dataset(path: Path, stop_before_pixels: bool):
     return ds
 
 
+HEADER_VALUE_LIMIT = 1 << 16  # bytes; identifying elements are far shorter
+HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined",
+                   "ViewPosition", "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames",
+                   "LossyImageCompression")
+
+
 def read_header(path: Path) -> DicomHeader:
     """The identifying and eligibility tags, without touching pixel data."""
-    ds = read_dataset(path, stop_before_pixels=True)
+    # Any file that is not PNG or JPEG is tried as DICOM without preamble; in a
+    # video or an archive, a "length" of gigabytes would otherwise be read into memory.
+    ds = read_dataset(path, stop_before_pixels=True, defer_size=HEADER_VALUE_LIMIT)
     if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID")):
         raise InvalidDicomError("no DICOM identifying elements")
+    for keyword in HEADER_KEYWORDS:  # a deferred value would be read when used: refuse it first
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        element = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+        if element is not None and (getattr(element, "length", 0) or 0) > HEADER_VALUE_LIMIT:
+            raise InvalidDicomError(f"{keyword} claims {element.length} bytes: not a DICOM header")
     frames = ds.get("NumberOfFrames", 1)
     try:
         frames = int(frames or 1)
@@ -145,8 +159,28 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _first(value) -> float:
-    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+def _first_window(ds) -> tuple[float, float] | None:
+    """The first (centre, width) pair; None when either is missing or empty, as archives send them."""
+    pair = []
+    for keyword in ("WindowCenter", "WindowWidth"):
+        value = ds.get(keyword)
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = value[0] if len(value) else None
+        if value is None or str(value).strip() == "":
+            return None
+        pair.append(float(value))
+    return pair[0], pair[1]
+
+
+def _padding(ds, frame: np.ndarray) -> np.ndarray:
+    """Mask of the stored values marked as padding by Pixel Padding Value (and Range Limit)."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or isinstance(value, (bytes, pydicom.multival.MultiValue)):
+        return np.zeros(frame.shape, bool)
+    limit = ds.get("PixelPaddingRangeLimit")
+    limit = value if limit is None or isinstance(limit, (bytes, pydicom.multival.MultiValue)) else limit
+    low, high = sorted((int(value), int(limit)))
+    return (frame >= low) & (frame <= high)
 
 
 def to_grey(ds, frame: np.ndarray) -> np.ndarray:
@@ -158,19 +192,23 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     if frame.ndim == 3:  # RGB / YBR: pydicom has already converted YBR to RGB
         return _luminance(frame.astype(np.float32)) / float(2 ** int(ds.BitsStored) - 1)
 
+    for keyword in ("RescaleSlope", "RescaleIntercept"):  # sent empty: no rescale (this copy only)
+        if keyword in ds and ds[keyword].value in (None, ""):
+            del ds[keyword]
     values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
-    if "VOILUTSequence" in ds:
+    window = _first_window(ds)
+    if ds.get("VOILUTSequence"):  # present and not empty
         item = ds.VOILUTSequence[0]
         # A LUT is indexed by integers: round the modality output rather than let floats truncate.
         indices = np.rint(values).astype(np.int64)
         voi = pydicom.pixels.apply_voi(indices, ds, index=0).astype(np.float32, copy=False)
         bits = int(item.LUTDescriptor[2])
         grey = voi / float(2 ** bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+    elif window:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
-        grey = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    else:
-        grey = own_range(values)
+        grey = _window(values, *window, function)
+    else:  # padding (the area outside the collimator, say) would stretch the range (C.7.5.1.1.2)
+        grey = own_range(values, counted=~_padding(ds, frame))
     inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse:
         grey = 1.0 - grey
@@ -218,13 +256,30 @@ def _reduced_frame(ds, min_side: int) -> np.ndarray | None:
     from pydicom.encaps import generate_frames
 
     codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    precision = _codestream_precision(codestream)
+    if precision is None:
+        return None
     with Image.open(io.BytesIO(codestream)) as image:
         image.reduce = 1
         image.load()
         values = np.asarray(image)
-    if image.mode == "I;16":  # Pillow stretches N-bit samples to 16 bits
-        values = values >> max(0, 16 - int(ds.BitsStored))
+    if image.mode == "I;16":  # Pillow stretches the codestream's N-bit samples to 16 bits
+        values = values >> (16 - precision)
     return values
+
+
+def _codestream_precision(codestream: bytes) -> int | None:
+    """Bits per sample of an unsigned JPEG 2000 codestream's first component (ISO 15444-1 A.5.1).
+
+    This, not BitsStored, is what the decoder scales by, and the two differ in
+    real files (a 12-bit image in a 16-bit codestream).  None for anything else
+    (a JP2 file instead of a codestream, signed samples).
+    """
+    if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 43:
+        return None
+    ssiz = codestream[42]  # SOC, SIZ marker, Lsiz, Rsiz, 8 x 4-byte sizes, Csiz, then Ssiz
+    precision = (ssiz & 0x7F) + 1
+    return None if ssiz & 0x80 or precision > 16 else precision
 
 
 def decode_grey(path: Path, min_side: int | None = None) -> tuple[np.ndarray, str]:

@@ -16,6 +16,18 @@ from . import dicom, images
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
 
 
+def readable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name written as ``\\xNN``.
+
+    Python keeps such bytes (a Latin-1 name on an SMB share) as lone surrogates,
+    which no UTF-8 report, log or SQLite row can hold.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class InputFile:
     """One file found under the studies folder and what became of it."""
@@ -36,7 +48,7 @@ class InputFile:
         return self.kind in ("dicom", "png", "jpeg")
 
     def finish(self, status: str, reason: str = "") -> None:
-        self.status, self.reason = status, reason
+        self.status, self.reason = status, readable(reason)  # codec messages may quote the path
 
 
 @dataclass
@@ -90,14 +102,14 @@ def walk(root: Path) -> list[InputFile]:
         base = Path(dirpath)
         for name in dirnames:
             if (base / name).is_symlink():  # os.walk lists but does not enter these
-                item = InputFile(rel=(base / name).relative_to(root).as_posix(), path=base / name)
+                item = InputFile(rel=readable((base / name).relative_to(root).as_posix()), path=base / name)
                 item.finish("skipped", "symlinked_folder_not_followed")
                 found.append(item)
         for name in sorted(filenames):
             if name in IGNORED_NAMES:
                 continue
             path = base / name
-            item = InputFile(rel=path.relative_to(root).as_posix(), path=path)
+            item = InputFile(rel=readable(path.relative_to(root).as_posix()), path=path)
             found.append(item)
             if path.is_symlink():
                 try:
@@ -116,7 +128,7 @@ def walk(root: Path) -> list[InputFile]:
             item.size, item.mtime = stat.st_size, stat.st_mtime
     for error in unreadable:
         folder = Path(error.filename)
-        item = InputFile(rel=folder.relative_to(root).as_posix(), path=folder)
+        item = InputFile(rel=readable(folder.relative_to(root).as_posix()), path=folder)
         item.finish("error", f"folder not readable: {error.strerror}")
         found.append(item)
     return found
@@ -149,9 +161,15 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
             item.finish("skipped", "not_an_image")
         return
     item.kind = "dicom"
-    reason = dicom.skip_reason(item.header)
-    if reason and (header_filter or reason in ("dicomdir", "not_an_image_sop_class")):
+    reason = eligibility_skip(item.header, header_filter)
+    if reason:
         item.finish("skipped", reason)
+
+
+def eligibility_skip(header: dicom.DicomHeader, header_filter: bool) -> str | None:
+    """Why the instance is skipped; without the header filter, only what is never an image."""
+    reason = dicom.skip_reason(header)
+    return reason if reason and (header_filter or reason in ("dicomdir", "not_an_image_sop_class")) else None
 
 
 def group_studies(files: list[InputFile]) -> list[Study]:

@@ -39,9 +39,13 @@ def scale_batch(batch: np.ndarray, input_scale: str) -> np.ndarray:
     raise ValueError(f"unknown input scale {input_scale!r}")
 
 
-def own_range(values: np.ndarray) -> np.ndarray:
-    """Values scaled to [0, 1] from their own min..max: for pixels that carry no display range."""
-    low, high = float(values.min()), float(values.max())
+def own_range(values: np.ndarray, counted: np.ndarray | None = None) -> np.ndarray:
+    """Values scaled to [0, 1] from their own min..max: for pixels that carry no display range.
+
+    ``counted`` (a mask) limits the min..max to some pixels; the others may fall outside [0, 1].
+    """
+    sample = values[counted] if counted is not None and counted.any() else values
+    low, high = float(sample.min()), float(sample.max())
     return ((values - low) / (high - low) if high > low else np.zeros_like(values)).astype(np.float32)
 
 

@@ -83,7 +83,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         restored = set()
         for item in files:
             row = known.get(item.rel)
-            if row and item.status == "pending" and state.restore(item, row):
+            if row and item.status == "pending" and state.restore(item, row, options.header_filter):
                 restored.add(item.rel)
             else:
                 discover.identify(item, header_filter=options.header_filter)
@@ -156,7 +156,10 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         summary.timings["total_s"] = round(time.perf_counter() - started, 3)
         write_report(options.out, options.fmt, report_records, summary)
         if state:
-            state.save_studies(records, info.sha256, info.threshold)
+            # A flagged study the export missed stays unreported, so the next run exports it.
+            exported = not summary.export_error
+            state.save_studies([r for r in records if exported or not r["flagged"]], info.sha256,
+                               info.threshold)
             state.record_run(summary.run_id, summary.counts)
         audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
                     exit_code=summary.exit_code)
@@ -172,7 +175,11 @@ def _own_output(path: Path, options: ScreenOptions) -> bool:
         outputs += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
     if any(p is not None and absolute == Path(os.path.abspath(p)) for p in outputs):
         return True
-    return bool(options.export_dir and absolute.is_relative_to(os.path.abspath(options.export_dir)))
+    if not options.export_dir:
+        return False
+    export = os.path.abspath(options.export_dir)
+    # An export folder that holds DIR (an export to "." say) writes beside DIR, not in it.
+    return absolute.is_relative_to(export) and not Path(os.path.abspath(options.directory)).is_relative_to(export)
 
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:
@@ -186,14 +193,19 @@ def _changed(study: discover.Study, restored: set[str]) -> bool:
 
 
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
-    """A study with a file younger than ``min_age`` seconds is still being copied in."""
+    """A study with a file younger than ``min_age`` seconds is still being copied in.
+
+    A file caught half-written may not even have a readable header yet, so it
+    cannot name its study: then every study with a file in its folder waits too.
+    """
     if min_age <= 0:
         return
     cutoff = time.time() - min_age
+    unplaced = {f.path.parent for s in studies for f in s.files if f.mtime > cutoff and f.status == "error"}
     for study in studies:
-        if any(f.mtime > cutoff for f in study.files):
+        if any(f.mtime > cutoff or f.path.parent in unplaced for f in study.files):
             for item in study.files:
-                if item.status in ("pending", "scored"):
+                if item.status in ("pending", "scored") or (item.status == "error" and item.mtime > cutoff):
                     item.finish("deferred", f"modified less than {min_age:g} s ago")
                     item.probability = None
 

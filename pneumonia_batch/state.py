@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .dicom import DicomHeader
-from .discover import InputFile, Study
+from .discover import InputFile, Study, eligibility_skip
 from .model import sha256_of
 
 SCHEMA = """
@@ -104,17 +104,22 @@ class State:
                 "study_key")
         return {row[0]: dict(zip(keys, row)) for row in rows}
 
-    def restore(self, item: InputFile, row: dict) -> bool:
+    def restore(self, item: InputFile, row: dict, header_filter: bool = True) -> bool:
         """Take an earlier outcome for an unchanged file; False if the file changed.
 
         Errors are never taken: a crashed decoder, a full memory, a permission
         fixed with chmod or a codec installed since may all have passed, so
         the file is tried again (and its study reported again) on every run.
+        Nor is an outcome that this run's header filter would decide otherwise.
         """
         if row["size"] != item.size or row["mtime"] != item.mtime or row["status"] == "error":
             return False
-        item.kind = row["kind"]
-        item.header = DicomHeader(**json.loads(row["header"])) if row["header"] else None
+        header = DicomHeader(**json.loads(row["header"])) if row["header"] else None
+        if header and not (row["reason"] or "").startswith("duplicate_instance_of"):
+            decided = row["reason"] if row["status"] == "skipped" else ""
+            if (eligibility_skip(header, header_filter) or "") != decided:
+                return False
+        item.kind, item.header = row["kind"], header
         item.status, item.reason, item.note = row["status"], row["reason"], row["note"]
         item.probability = row["probability"]
         return True

@@ -248,3 +248,45 @@ def test_16_bit_png_is_scaled_from_its_range_not_clipped(tmp_path):
     expected = (stored - stored.min()) / (stored.max() - stored.min()) * 255
     assert np.abs(grey - expected).max() <= 0.5
     assert (grey == 255).mean() < 0.01
+
+
+def test_half_resolution_jpeg2000_scales_by_the_codestreams_bit_depth(tmp_path):
+    """A 12-bit image in a 16-bit codestream, as some archives write it: not scored near black."""
+    import openjpeg
+    from pydicom.encaps import encapsulate
+
+    pixels = chest_pixels(1400)  # 12-bit values; 1400 px allows the half-resolution decode
+    ds = make_dataset(pixels, WindowCenter=2048, WindowWidth=4096)
+    ds.PixelData = encapsulate([openjpeg.encode(pixels, bits_stored=16, use_mct=False)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    path = save(ds, tmp_path / "j2k16.dcm")
+    full = grey_of(path)
+    half, _ = dicom.decode_grey(path, min_side=672)
+    assert half.shape == (700, 700)
+    assert full.mean() > 0.5 and abs(half.mean() - full.mean()) < 0.005
+
+
+def test_empty_rescale_window_or_voi_lut_sequence_is_no_transform(tmp_path, pixels):
+    """Archives send optional elements empty: treated as absent, not as an error."""
+    reference = grey_of(save(make_dataset(pixels), tmp_path / "plain.dcm"))
+    empty = make_dataset(pixels)
+    empty.WindowCenter, empty.WindowWidth = None, None
+    empty.RescaleSlope, empty.RescaleIntercept = None, None
+    np.testing.assert_array_equal(grey_of(save(empty, tmp_path / "w.dcm")), reference)
+    empty_sequence = make_dataset(pixels, WindowCenter=2048, WindowWidth=4096)
+    empty_sequence.VOILUTSequence = pydicom.Sequence([])
+    windowed = grey_of(save(make_dataset(pixels, WindowCenter=2048, WindowWidth=4096), tmp_path / "win.dcm"))
+    np.testing.assert_array_equal(grey_of(save(empty_sequence, tmp_path / "s.dcm")), windowed)
+
+
+def test_padding_does_not_stretch_an_unwindowed_range(tmp_path, pixels):
+    """PS3.3 C.7.5.1.1.2: a band of Pixel Padding Value outside the collimator is not image."""
+    padded = pixels.copy()
+    padded[:32] = 4095
+    image = grey_of(save(make_dataset(pixels[32:].copy()), tmp_path / "image_only.dcm"))
+    grey = grey_of(save(make_dataset(padded, PixelPaddingValue=4095), tmp_path / "padded.dcm"))
+    np.testing.assert_allclose(grey[32:], image, atol=1e-6)
+    assert (grey[:32] == 1.0).all()
+    unmarked = grey_of(save(make_dataset(padded), tmp_path / "unmarked.dcm"))
+    assert abs(unmarked[32:].mean() - image.mean()) > 0.01  # what the marking prevents

@@ -114,3 +114,24 @@ def test_a_header_cut_short_anywhere_is_a_row_not_a_crash(tmp_path):
     assert all(f.reason for f in cut if f.status != "pending")
     # Past the header, the pixels are missing: the header reads, decoding will report it.
     assert files["cut0898.dcm"].status == "pending"
+
+
+def test_a_large_file_that_only_resembles_dicom_is_not_read_into_memory(tmp_path):
+    """A video or archive in the folder is tried as DICOM without preamble; its bytes stay on disk."""
+    import struct
+    import subprocess
+    import sys
+
+    path = tmp_path / "video.bin"
+    size = 400 << 20
+    with open(path, "wb") as handle:  # implicit VR: an element (0008,0016) claiming 400 MB, then zeros
+        handle.write(struct.pack("<HHI", 0x0008, 0x0016, size))
+        handle.truncate(size + 8)  # sparse: costs no disk
+    script = ("import resource, sys; from pathlib import Path; from pneumonia_batch import discover; "
+              "item = discover.InputFile(rel='video.bin', path=Path(sys.argv[1]), size=1); "
+              "discover.identify(item); "
+              "print(item.status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    status, peak_mb = result.stdout.split()
+    assert status != "pending" and int(peak_mb) < 200, result.stdout

@@ -361,3 +361,91 @@ def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_repo
     assert "review export failed" in result.stderr.splitlines()[-1]
     assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
     assert folder.read_text() == "not a folder"
+
+
+def test_flagged_studies_a_failed_export_missed_are_exported_by_the_next_run(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    state = tmp_path / "state.db"
+    blocker = tmp_path / "share"
+    blocker.write_text("the review share is not mounted")
+    args = ["--state", state, "--threshold", "0", "--export-flagged", blocker / "review"]
+    first = run(studies, "--out", tmp_path / "r1.csv", *args)
+    assert first.returncode == 1 and "review export failed" in first.stderr
+    assert [r["flagged"] for r in rows(tmp_path / "r1.csv")] == ["true", "true"]
+    blocker.unlink()
+    blocker.mkdir()
+    second = run(studies, "--out", tmp_path / "r2.csv", *args)
+    assert second.returncode == 0, second.stderr
+    assert sorted(r["study_id"] for r in rows(tmp_path / "r2.csv")) == ["child000", "child001"]
+    with open(blocker / "review" / "worklist.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    third = run(studies, "--out", tmp_path / "r3.csv", *args)
+    assert third.returncode == 0 and rows(tmp_path / "r3.csv") == []  # exported once, then done
+
+
+def test_a_file_caught_half_written_defers_its_folder_instead_of_an_error(tmp_path):
+    """The second instance of a study is still being copied: its header cannot name the study yet."""
+    studies = tmp_path / "studies"
+    (studies / "study").mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    save(make_dataset(chest_pixels(), study_uid=uid), studies / "study" / "1.dcm")
+    os.utime(studies / "study" / "1.dcm", (OLD, OLD))
+    whole = save(make_dataset(chest_pixels(), study_uid=uid, view="AP"), tmp_path / "2.dcm").read_bytes()
+    (studies / "study" / "2.dcm").write_bytes(whole[:200])
+    state = tmp_path / "state.db"
+    first = run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
+    assert first.returncode == 0, first.stderr
+    assert {r["status"] for r in rows(tmp_path / "r1.csv")} == {"deferred"}
+    (studies / "study" / "2.dcm").write_bytes(whole)
+    os.utime(studies / "study" / "2.dcm", (OLD, OLD))
+    second = run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
+    assert second.returncode == 0, second.stderr
+    (study,) = rows(tmp_path / "r2.csv")
+    assert (study["study_id"], study["status"], study["n_scored"]) == (uid, "scored", "2")
+
+
+def test_a_changed_header_filter_decides_stored_files_again(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    save(make_dataset(chest_pixels(), view="LL"), studies / "lateral.dcm")
+    os.utime(studies / "lateral.dcm", (OLD, OLD))
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert [r["reason"] for r in rows(tmp_path / "r1.csv")] == ["not_frontal_view (1)"]
+    run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--no-header-filter")
+    assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
+    run(studies, "--out", tmp_path / "r3.csv", "--state", state)
+    assert [r["reason"] for r in rows(tmp_path / "r3.csv")] == ["not_frontal_view (1)"]
+
+
+def test_a_file_name_in_another_encoding_gets_its_row_and_state(tmp_path):
+    """A Latin-1 name from a Windows share is not valid UTF-8: shown with \\x escapes, never a crash."""
+    studies = make_studies(tmp_path / "studies", 1)
+    name = os.fsdecode(b"M\xfcller.jpeg")
+    shutil.copy(PNEUMONIA_JPEG, studies / "child000" / name)
+    os.utime(studies / "child000" / name, (OLD, OLD))
+    state = tmp_path / "state.db"
+    for report in ("r1.csv", "r2.csv"):
+        result = run(studies, "--out", tmp_path / report, "--state", state, "--log-file", tmp_path / "audit.jsonl")
+        assert result.returncode == 0, result.stderr
+    (study,) = rows(tmp_path / "r1.csv")
+    assert study["files"] == "child000/M\\xfcller.jpeg;child000/cxr.jpeg" and study["n_scored"] == "2"
+    assert rows(tmp_path / "r2.csv") == []  # remembered under the same name
+
+
+def test_a_damaged_state_database_is_fatal_with_a_message(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    (tmp_path / "state.db").write_text("not a database")
+    result = run(studies, "--out", tmp_path / "r.csv", "--state", tmp_path / "state.db")
+    assert result.returncode == 4
+    assert "error: --state" in result.stderr and "not a database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_studies_inside_the_export_folder_are_still_screened(tmp_path):
+    studies = make_studies(tmp_path / "srv" / "incoming", 1)
+    result = run(studies, "--out", tmp_path / "r.csv", "--threshold", "0", "--export-flagged", tmp_path / "srv")
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in rows(tmp_path / "r.csv")] == ["scored"]
+    same = run(studies, "--out", tmp_path / "r.csv", "--export-flagged", studies)
+    assert same.returncode == 2 and "must not be DIRECTORY itself" in same.stderr
