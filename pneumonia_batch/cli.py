@@ -174,9 +174,9 @@ def evaluate(data_dir, model_path, split, out_dir):
 
     try:
         items, unused = list_labelled(resolve_split(data_dir, split))
-    except FileNotFoundError as exc:
+        result = run_evaluation(model_path, items, out_dir, unused)
+    except (FileNotFoundError, ValueError) as exc:  # no usable or no decodable images
         raise click.ClickException(str(exc))
-    result = run_evaluation(model_path, items, out_dir, unused)
     click.echo(format_table(result))
     click.echo(f"written to {out_dir}/", err=True)
 

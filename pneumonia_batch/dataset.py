@@ -11,6 +11,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from . import discover
 from .model import CLASS_NAMES
@@ -58,35 +59,40 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     """Images under ``directory/{NORMAL,PNEUMONIA}`` at any depth, sorted, and the files not used.
 
     A file is used when screening would score it (an eligible DICOM instance,
-    a PNG or a JPEG) and its kind is one of ``kinds`` (``TRAINING_KINDS`` for
-    training data); every other file is returned with its reason.
+    scored once however many copies arrive; a PNG or a JPEG) and its kind is one
+    of ``kinds`` (``TRAINING_KINDS`` for training data); every other file is
+    returned with its reason.  Symlinks may lead anywhere: data sets are often
+    assembled from links.
     """
     directory = Path(directory)
+    found: list[tuple[int, discover.InputFile]] = []
+    for label, name in enumerate(CLASS_NAMES):
+        if (directory / name).is_dir():
+            for item in discover.walk(directory / name, confined=False):
+                item.rel = f"{name}/{item.rel}"  # duplicates are named across both classes
+                discover.identify(item)
+                found.append((label, item))
+    discover.group_studies([item for _, item in found])  # marks second copies of an instance
     items: list[LabelledImage] = []
     unused: list[UnusedFile] = []
-    for label, name in enumerate(CLASS_NAMES):
-        class_dir = directory / name
-        if not class_dir.is_dir():
-            continue
-        for found in discover.walk(class_dir):
-            discover.identify(found)
-            if found.status != "pending":
-                reason = found.reason if found.status == "skipped" else f"{found.status}: {found.reason}"
-                unused.append(UnusedFile(found.path, reason))
-            elif found.kind not in kinds:
-                unused.append(UnusedFile(found.path, f"{found.kind}_not_used_for_training"))
-            else:
-                items.append(LabelledImage(found.path, label, found.kind))
+    for label, item in found:
+        if item.status != "pending":
+            reason = item.reason if item.status == "skipped" else f"{item.status}: {item.reason}"
+            unused.append(UnusedFile(item.path, reason))
+        elif item.kind not in kinds:
+            unused.append(UnusedFile(item.path, f"{item.kind}_not_used_for_training"))
+        else:
+            items.append(LabelledImage(item.path, label, item.kind))
     if not items:
         raise FileNotFoundError(f"no usable images under {directory}/{{{','.join(CLASS_NAMES)}}}")
     return items, unused
 
 
-def reason_counts(unused: list[UnusedFile]) -> str:
+def reason_counts(reasons: Iterable[str]) -> str:
     """``not_an_image (2); not_frontal_view (1)``: what a user needs to see at a glance."""
     counts: dict[str, int] = {}
-    for u in unused:
-        counts[u.reason] = counts.get(u.reason, 0) + 1
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
     return "; ".join(f"{reason} ({n})" for reason, n in sorted(counts.items()))
 
 

@@ -91,8 +91,8 @@ class Study:
         return "; ".join(f"{label} ({n})" for label, n in counts.items())
 
 
-def walk(root: Path) -> list[InputFile]:
-    """Every file under ``root``, sorted; symlinks are never followed out of it."""
+def walk(root: Path, confined: bool = True) -> list[InputFile]:
+    """Every file under ``root``, sorted; with ``confined``, symlinks are never followed out of it."""
     root = Path(root)
     real_root = root.resolve()
     found: list[InputFile] = []
@@ -117,7 +117,7 @@ def walk(root: Path) -> list[InputFile]:
                 except (OSError, RuntimeError):
                     item.finish("error", "broken_or_looping_symlink")
                     continue
-                if not target.is_relative_to(real_root):
+                if confined and not target.is_relative_to(real_root):
                     item.finish("skipped", "symlink_outside_folder")
                     continue
             try:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, UnusedFile, reason_counts
+from .discover import readable
 from .model import CLASS_NAMES, metadata_path, read_model_info
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
@@ -119,13 +120,16 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
         for item in items[start:start + batch_size]:
             array, _, error = decode_for_model(str(item.path), item.kind)
             if array is None:
-                failed.append(UnusedFile(item.path, f"error: {error}"))
+                failed.append(UnusedFile(item.path, readable(f"error: {error}")))
             else:
                 kept.append(item)
                 inputs.append(array)
         if inputs:
             out.append(runner.predict(np.stack(inputs)))
-    return kept, (np.concatenate(out) if out else np.zeros(0, np.float32)), failed
+    if not kept:
+        raise ValueError(f"none of the {len(items)} images could be decoded: "
+                         f"{reason_counts(u.reason for u in failed)}")
+    return kept, np.concatenate(out), failed
 
 
 def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, target_sensitivity: float = 0.97,
@@ -154,7 +158,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
         "data": data,
         "n_images": len(items),
         "n_pneumonia": int(labels.sum()),
-        "not_used": reason_counts(unused),
+        "not_used": reason_counts(u.reason for u in unused),
         "roc_auc": roc_auc(labels, probabilities),
         "at_threshold": at_threshold,
         "at_0.5": metrics_at(labels, probabilities, 0.5),
@@ -163,7 +167,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     }
     write_json_atomic(meta_file, meta)
     if unused:
-        log(f"{len(unused)} files not used: {reason_counts(unused)}")
+        log(f"{len(unused)} files not used: {reason_counts(u.reason for u in unused)}")
     low, high = at_threshold["sensitivity_95ci"]
     log(f"threshold {threshold:.4f} on {len(items)} images ({int(labels.sum())} pneumonia): sensitivity "
         f"{at_threshold['sensitivity']:.3f} (95 % interval {low:.3f}-{high:.3f}), specificity "
@@ -186,9 +190,9 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
         "roc_auc": roc_auc(labels, probabilities),
         "at_model_threshold": metrics_at(labels, probabilities, info.threshold),
         "at_0.5": metrics_at(labels, probabilities, 0.5),
-        "images": [{"path": str(i.path), "label": CLASS_NAMES[i.label], "probability": float(p)}
+        "images": [{"path": readable(str(i.path)), "label": CLASS_NAMES[i.label], "probability": float(p)}
                    for i, p in zip(items, probabilities)],
-        "not_used": [{"path": str(u.path), "reason": u.reason} for u in unused],
+        "not_used": [{"path": readable(str(u.path)), "reason": u.reason} for u in unused],
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,8 +205,8 @@ def format_table(result: dict) -> str:
     lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), "
              f"ROC-AUC {result['roc_auc']:.4f}"]
     if result["not_used"]:
-        unused = [UnusedFile(Path(u["path"]), u["reason"]) for u in result["not_used"]]
-        lines.append(f"{len(unused)} files not used: {reason_counts(unused)}")
+        lines.append(f"{len(result['not_used'])} files not used: "
+                     f"{reason_counts(u['reason'] for u in result['not_used'])}")
     for key in ("at_model_threshold", "at_0.5"):
         m = result[key]
         (tn, fp), (fn, tp) = m["confusion_matrix"]

@@ -156,10 +156,9 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         summary.timings["total_s"] = round(time.perf_counter() - started, 3)
         write_report(options.out, options.fmt, report_records, summary)
         if state:
-            # A flagged study the export missed stays unreported, so the next run exports it.
-            exported = not summary.export_error
-            state.save_studies([r for r in records if exported or not r["flagged"]], info.sha256,
-                               info.threshold)
+            state.save_studies(records, info.sha256, info.threshold)
+            if summary.export_error:  # so the next run reports and exports the flagged studies again
+                state.forget_studies([r["study_key"] for r in records if r["flagged"]])
             state.record_run(summary.run_id, summary.counts)
         audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
                     exit_code=summary.exit_code)
@@ -195,17 +194,22 @@ def _changed(study: discover.Study, restored: set[str]) -> bool:
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
     """A study with a file younger than ``min_age`` seconds is still being copied in.
 
-    A file caught half-written may not even have a readable header yet, so it
-    cannot name its study: then every study with a file in its folder waits too.
+    A file caught half-written may not have its StudyInstanceUID yet (or even
+    its DICOM prefix), so it cannot name its study: then every study with a
+    file in its folder waits too.
     """
     if min_age <= 0:
         return
     cutoff = time.time() - min_age
-    unplaced = {f.path.parent for s in studies for f in s.files if f.mtime > cutoff and f.status == "error"}
+
+    def unplaced(item: discover.InputFile) -> bool:
+        return item.mtime > cutoff and not (item.header and item.header.study_instance_uid)
+
+    folders = {f.path.parent for s in studies for f in s.files if unplaced(f)}
     for study in studies:
-        if any(f.mtime > cutoff or f.path.parent in unplaced for f in study.files):
+        if any(f.mtime > cutoff or f.path.parent in folders for f in study.files):
             for item in study.files:
-                if item.status in ("pending", "scored") or (item.status == "error" and item.mtime > cutoff):
+                if item.status in ("pending", "scored") or unplaced(item):
                     item.finish("deferred", f"modified less than {min_age:g} s ago")
                     item.probability = None
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .dicom import DicomHeader
-from .discover import InputFile, Study, eligibility_skip
+from .discover import InputFile, Study, eligibility_skip, readable
 from .model import sha256_of
 
 SCHEMA = """
@@ -89,7 +89,7 @@ class State:
         self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.root = str(Path(root).resolve())
+        self.root = readable(str(Path(root).resolve()))
 
     def close(self) -> None:
         self.db.close()
@@ -143,6 +143,12 @@ class State:
                 "INSERT OR REPLACE INTO studies VALUES (?,?,?,?,?,?,?,?)",
                 [(self.root, r["study_key"], json.dumps(r), int(r["flagged"]), model_sha256, threshold,
                   r["run_id"], stamp) for r in records if r["status"] != "deferred"])
+
+    def forget_studies(self, keys: list[str]) -> None:
+        """Count these studies as never reported, so the next run reports (and exports) them."""
+        with self.db:
+            self.db.executemany("DELETE FROM studies WHERE root = ? AND study_key = ?",
+                                [(self.root, key) for key in keys])
 
     def reported_keys(self) -> set[str]:
         """Studies that a completed run has put in a report."""

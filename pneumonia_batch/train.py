@@ -279,7 +279,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     train_dir = resolve_split(data_dir, "train")
     items, unused = list_labelled(train_dir, TRAINING_KINDS)
     if unused:
-        log(f"{len(unused)} files under {train_dir} not used: {reason_counts(unused)}")
+        log(f"{len(unused)} files under {train_dir} not used: {reason_counts(u.reason for u in unused)}")
     train_items, val_items = split_by_patient(items, val_fraction, seed)
     if limit:  # tiny runs for tests and smoke checks
         train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)

@@ -1,5 +1,6 @@
 """Labelled folders: every file used or listed with why, read the way screening reads it."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def local_folder(tmp_path):
     save(make_dataset(chest_pixels(64), view="LL"), pneumonia / "lateral.dcm")
     (pneumonia / "notes.txt").write_text("reported by Dr X")
     (normal / "empty.dcm").write_bytes(b"")
+    shutil.copy(pneumonia / "frontal", pneumonia / "frontal-again.dcm")  # the archive sent it twice
     return tmp_path
 
 
@@ -31,8 +33,19 @@ def test_local_folder_lists_every_file_as_used_or_with_its_reason(local_folder):
     reasons = {u.path.relative_to(local_folder).as_posix(): u.reason for u in unused}
     assert reasons == {"NORMAL/empty.dcm": "error: empty file",
                        "PNEUMONIA/study-7/lateral.dcm": "not_frontal_view",
+                       "PNEUMONIA/study-7/frontal-again.dcm": "duplicate_instance_of PNEUMONIA/study-7/frontal",
                        "PNEUMONIA/study-7/notes.txt": "not_an_image"}
-    assert reason_counts(unused) == "error: empty file (1); not_an_image (1); not_frontal_view (1)"
+    assert reason_counts(u.reason for u in unused) == ("duplicate_instance_of PNEUMONIA/study-7/frontal (1); "
+                                                       "error: empty file (1); not_an_image (1); not_frontal_view (1)")
+
+
+def test_a_data_set_assembled_from_symlinks_is_read(tmp_path):
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "x.jpeg").write_bytes(NORMAL_JPEG.read_bytes())
+    (tmp_path / "set" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "set" / "NORMAL" / "x.jpeg").symlink_to(tmp_path / "pool" / "x.jpeg")
+    items, unused = list_labelled(tmp_path / "set")
+    assert [(i.path.name, i.label) for i in items] == [("x.jpeg", 0)] and unused == []
 
 
 def test_training_uses_only_what_its_pipeline_decodes(local_folder):

@@ -289,6 +289,18 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     assert min(images.values()) >= meta["threshold"]["value"] - 1e-6
 
 
+def test_evaluate_with_nothing_decodable_is_a_clear_error(tiny_training, tmp_path):
+    out, _, _ = tiny_training
+    for label in ("NORMAL", "PNEUMONIA"):  # JPEG signatures, bodies cut off
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "cut.jpeg").write_bytes((ROOT / "examples" / "studies" / "paediatric-normal" /
+                                                     "NORMAL2-IM-1427-0001.jpeg").read_bytes()[:400])
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "evaluate", str(tmp_path), "--model", str(out),
+                             "--out-dir", str(tmp_path / "ev")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "none of the 2 images could be decoded" in result.stderr
+
+
 def test_imagenet_init_loads_the_given_weight_file(tmp_path):
     """A weight file in the Keras notop HDF5 format is loaded into the backbone."""
     import h5py

@@ -382,8 +382,23 @@ def test_flagged_studies_a_failed_export_missed_are_exported_by_the_next_run(tmp
     third = run(studies, "--out", tmp_path / "r3.csv", *args)
     assert third.returncode == 0 and rows(tmp_path / "r3.csv") == []  # exported once, then done
 
+    shutil.copy(PNEUMONIA_JPEG, studies / "child000" / "second.jpeg")  # a study exported before grows
+    os.utime(studies / "child000" / "second.jpeg", (OLD, OLD))
+    shutil.move(blocker, tmp_path / "unmounted")
+    blocker.write_text("the review share is not mounted")
+    fourth = run(studies, "--out", tmp_path / "r4.csv", *args)
+    assert fourth.returncode == 1 and [r["n_scored"] for r in rows(tmp_path / "r4.csv")] == ["2"]
+    blocker.unlink()
+    shutil.move(tmp_path / "unmounted", blocker)
+    fifth = run(studies, "--out", tmp_path / "r5.csv", *args)
+    assert fifth.returncode == 0 and [r["study_id"] for r in rows(tmp_path / "r5.csv")] == ["child000"]
+    (folder,) = [p for p in (blocker / "review").iterdir() if p.is_dir() and "child000" in
+                 json.loads((p / "result.json").read_text())["study_id"]]
+    assert json.loads((folder / "result.json").read_text())["n_scored"] == 2
 
-def test_a_file_caught_half_written_defers_its_folder_instead_of_an_error(tmp_path):
+
+@pytest.mark.parametrize("written", [100, 200, 450])  # before the DICM prefix, in the header, before the UID
+def test_a_file_caught_half_written_defers_its_folder(tmp_path, written):
     """The second instance of a study is still being copied: its header cannot name the study yet."""
     studies = tmp_path / "studies"
     (studies / "study").mkdir(parents=True)
@@ -391,7 +406,7 @@ def test_a_file_caught_half_written_defers_its_folder_instead_of_an_error(tmp_pa
     save(make_dataset(chest_pixels(), study_uid=uid), studies / "study" / "1.dcm")
     os.utime(studies / "study" / "1.dcm", (OLD, OLD))
     whole = save(make_dataset(chest_pixels(), study_uid=uid, view="AP"), tmp_path / "2.dcm").read_bytes()
-    (studies / "study" / "2.dcm").write_bytes(whole[:200])
+    (studies / "study" / "2.dcm").write_bytes(whole[:written])
     state = tmp_path / "state.db"
     first = run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
     assert first.returncode == 0, first.stderr
@@ -431,6 +446,15 @@ def test_a_file_name_in_another_encoding_gets_its_row_and_state(tmp_path):
     (study,) = rows(tmp_path / "r1.csv")
     assert study["files"] == "child000/M\\xfcller.jpeg;child000/cxr.jpeg" and study["n_scored"] == "2"
     assert rows(tmp_path / "r2.csv") == []  # remembered under the same name
+
+
+def test_a_studies_folder_named_in_another_encoding_keeps_its_state(tmp_path):
+    studies = make_studies(tmp_path / os.fsdecode(b"Sch\xfctz"), 1)
+    state = tmp_path / "state.db"
+    for report in ("r1.csv", "r2.csv"):
+        result = run(studies, "--out", tmp_path / report, "--state", state)
+        assert result.returncode == 0, result.stderr
+    assert len(rows(tmp_path / "r1.csv")) == 1 and rows(tmp_path / "r2.csv") == []
 
 
 def test_a_damaged_state_database_is_fatal_with_a_message(tmp_path):
