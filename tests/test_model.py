@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,24 @@ ROOT = Path(__file__).resolve().parent.parent
 KERMANY = ROOT.parent / "shared" / "data" / "kermany224"
 
 
+@contextmanager
+def untraced_steps():
+    """Keras's train and test steps run eagerly instead of traced into a graph.
+
+    Tracing DenseNet-121's training step costs about 80 s per input size on two
+    cores, far longer than the two or three steps these runs take; the
+    operations are the same.  test_fine_tuning_with_weight_averaging keeps the
+    traced path, which real training runs take, under test.
+    """
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
+
+
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory):
     """A real training run on a handful of images: one low-resolution epoch, one at 224."""
@@ -24,8 +43,9 @@ def tiny_training(tmp_path_factory):
     if not KERMANY.is_dir():
         pytest.skip("training data not available")
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
-    model, meta = train(KERMANY, out, parse_schedule("32:1,224:1"), batch_size=4, limit=4,
-                        run_dir=out.parent / "run", log=lambda m: None)
+    with untraced_steps():
+        model, meta = train(KERMANY, out, parse_schedule("32:1,224:1"), batch_size=4, limit=4,
+                            run_dir=out.parent / "run", log=lambda m: None)
     return out, model, meta
 
 
@@ -79,8 +99,9 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     assert progress["completed_epochs"] == 2
     resumed = tmp_path / "resumed.keras"
     logged = []
-    train(KERMANY, resumed, parse_schedule("32:1,224:2"), batch_size=4, limit=4, run_dir=run_dir,
-          resume=True, log=logged.append)
+    with untraced_steps():
+        train(KERMANY, resumed, parse_schedule("32:1,224:2"), batch_size=4, limit=4, run_dir=run_dir,
+              resume=True, log=logged.append)
     progress = json.loads((run_dir / "progress.json").read_text())
     assert [row["epoch"] for row in progress["history"]] == [1, 2, 3]  # epochs 1-2 not run again
     assert [row["size"] for row in progress["history"]] == [32, 224, 224]
