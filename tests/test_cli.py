@@ -49,7 +49,10 @@ def test_examples_report(tmp_path):
     meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
     assert {r["threshold"] for r in report.values()} == {str(meta["threshold"]["value"])}
     assert {r["model_sha256"] for r in report.values()} == {meta["sha256"]}
-    assert "4 studies scored" in result.stderr and "0 file errors" in result.stderr
+    assert "4 studies scored, 4 flagged" in result.stderr and "0 file errors" in result.stderr
+    # examples/README.md documents the normal study as a false positive at the shipped threshold
+    assert report["paediatric-normal"]["flagged"] == "true"
+    assert float(report["paediatric-normal"]["probability"]) == pytest.approx(0.21, abs=0.01)
 
 
 def test_keras_tf_data_path_matches_tflite(tmp_path):
