@@ -18,6 +18,7 @@ EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
 def to_stderr(message: str) -> None:
     click.echo(message, err=True)
 
+
 SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
 
 \b

@@ -11,7 +11,6 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from . import discover
 from .model import CLASS_NAMES
@@ -33,7 +32,7 @@ _PATIENT_PATTERNS = (
 class LabelledImage:
     path: Path
     label: int  # index into CLASS_NAMES
-    kind: str = "jpeg"  # png, jpeg or dicom: how the file is decoded
+    kind: str  # png, jpeg or dicom: how the file is decoded
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,7 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     unused: list[UnusedFile] = []
     for label, item in found:
         if item.status != "pending":
-            reason = item.reason if item.status == "skipped" else f"{item.status}: {item.reason}"
-            unused.append(UnusedFile(item.path, reason))
+            unused.append(UnusedFile(item.path, item.why_not_scored))
         elif item.kind not in kinds:
             unused.append(UnusedFile(item.path, f"{item.kind}_not_used_for_training"))
         else:
@@ -86,14 +84,6 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     if not items:
         raise FileNotFoundError(f"no usable images under {directory}/{{{','.join(CLASS_NAMES)}}}")
     return items, unused
-
-
-def reason_counts(reasons: Iterable[str]) -> str:
-    """``not_an_image (2); not_frontal_view (1)``: what a user needs to see at a glance."""
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        counts[reason] = counts.get(reason, 0) + 1
-    return "; ".join(f"{reason} ({n})" for reason, n in sorted(counts.items()))
 
 
 def resolve_split(data_dir: Path, split: str) -> Path:

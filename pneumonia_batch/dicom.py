@@ -88,9 +88,9 @@ def read_dataset(path: Path, stop_before_pixels: bool, defer_size: int | None = 
 
 
 HEADER_VALUE_LIMIT = 1 << 16  # bytes; identifying elements are far shorter
-HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined",
-                   "ViewPosition", "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames",
-                   "LossyImageCompression")
+HEADER_TAGS = {keyword: pydicom.datadict.tag_for_keyword(keyword) for keyword in (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "BodyPartExamined", "ViewPosition",
+    "PatientID", "AccessionNumber", "StudyDate", "NumberOfFrames", "LossyImageCompression")}
 
 
 def read_header(path: Path) -> DicomHeader:
@@ -100,8 +100,7 @@ def read_header(path: Path) -> DicomHeader:
     ds = read_dataset(path, stop_before_pixels=True, defer_size=HEADER_VALUE_LIMIT)
     if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID")):
         raise InvalidDicomError("no DICOM identifying elements")
-    for keyword in HEADER_KEYWORDS:  # a deferred value would be read when used: refuse it first
-        tag = pydicom.datadict.tag_for_keyword(keyword)
+    for keyword, tag in HEADER_TAGS.items():  # a deferred value would be read when used: refuse it first
         element = ds.get_item(tag, keep_deferred=True) if tag in ds else None
         if element is not None and (getattr(element, "length", 0) or 0) > HEADER_VALUE_LIMIT:
             raise InvalidDicomError(f"{keyword} claims {element.length} bytes: not a DICOM header")
@@ -174,12 +173,10 @@ def _first_window(ds) -> tuple[float, float] | None:
 
 def _padding(ds, frame: np.ndarray) -> np.ndarray:
     """Mask of the stored values marked as padding by Pixel Padding Value (and Range Limit)."""
-    value = ds.get("PixelPaddingValue")
-    if value is None or isinstance(value, (bytes, pydicom.multival.MultiValue)):
+    value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    if not isinstance(value, int):  # absent, or bytes when its VR (US or SS) was never resolved
         return np.zeros(frame.shape, bool)
-    limit = ds.get("PixelPaddingRangeLimit")
-    limit = value if limit is None or isinstance(limit, (bytes, pydicom.multival.MultiValue)) else limit
-    low, high = sorted((int(value), int(limit)))
+    low, high = sorted((value, limit if isinstance(limit, int) else value))
     return (frame >= low) & (frame <= high)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from . import dicom, images
 
@@ -50,6 +51,19 @@ class InputFile:
     def finish(self, status: str, reason: str = "") -> None:
         self.status, self.reason = status, readable(reason)  # codec messages may quote the path
 
+    @property
+    def why_not_scored(self) -> str:
+        """As reports show it: a skip's reason code, or ``error: ...`` / ``deferred: ...``."""
+        return self.reason if self.status == "skipped" else f"{self.status}: {self.reason}"
+
+
+def count_reasons(reasons: Iterable[str]) -> str:
+    """``not_frontal_view (1); error: empty file (2)``, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{reason} ({n})" for reason, n in counts.items())
+
 
 @dataclass
 class Study:
@@ -83,12 +97,7 @@ class Study:
     @property
     def reason(self) -> str:
         """Why files of the study were not scored, e.g. ``not_frontal_view (1); error: ... (1)``."""
-        counts: dict[str, int] = {}
-        for f in self.files:
-            if f.status in ("skipped", "error", "deferred"):
-                label = f.reason if f.status == "skipped" else f"{f.status}: {f.reason}"
-                counts[label] = counts.get(label, 0) + 1
-        return "; ".join(f"{label} ({n})" for label, n in counts.items())
+        return count_reasons(f.why_not_scored for f in self.files if f.status in ("skipped", "error", "deferred"))
 
 
 def walk(root: Path, confined: bool = True) -> list[InputFile]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .dataset import LabelledImage, UnusedFile, reason_counts
-from .discover import readable
+from .dataset import LabelledImage, UnusedFile
+from .discover import count_reasons, readable
 from .model import CLASS_NAMES, metadata_path, read_model_info
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
@@ -128,7 +128,7 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
             out.append(runner.predict(np.stack(inputs)))
     if not kept:
         raise ValueError(f"none of the {len(items)} images could be decoded: "
-                         f"{reason_counts(u.reason for u in failed)}")
+                         f"{count_reasons(u.reason for u in failed)}")
     return kept, np.concatenate(out), failed
 
 
@@ -158,7 +158,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
         "data": data,
         "n_images": len(items),
         "n_pneumonia": int(labels.sum()),
-        "not_used": reason_counts(u.reason for u in unused),
+        "not_used": count_reasons(u.reason for u in unused),
         "roc_auc": roc_auc(labels, probabilities),
         "at_threshold": at_threshold,
         "at_0.5": metrics_at(labels, probabilities, 0.5),
@@ -167,7 +167,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     }
     write_json_atomic(meta_file, meta)
     if unused:
-        log(f"{len(unused)} files not used: {reason_counts(u.reason for u in unused)}")
+        log(f"{len(unused)} files not used: {count_reasons(u.reason for u in unused)}")
     low, high = at_threshold["sensitivity_95ci"]
     log(f"threshold {threshold:.4f} on {len(items)} images ({int(labels.sum())} pneumonia): sensitivity "
         f"{at_threshold['sensitivity']:.3f} (95 % interval {low:.3f}-{high:.3f}), specificity "
@@ -206,7 +206,7 @@ def format_table(result: dict) -> str:
              f"ROC-AUC {result['roc_auc']:.4f}"]
     if result["not_used"]:
         lines.append(f"{len(result['not_used'])} files not used: "
-                     f"{reason_counts(u['reason'] for u in result['not_used'])}")
+                     f"{count_reasons(u['reason'] for u in result['not_used'])}")
     for key in ("at_model_threshold", "at_0.5"):
         m = result[key]
         (tn, fp), (fn, tp) = m["confusion_matrix"]

@@ -18,7 +18,7 @@ import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 
-from .dicom import DicomHeader
+from .dicom import DicomHeader, skip_reason
 from .discover import InputFile, Study, eligibility_skip, readable
 from .model import sha256_of
 
@@ -110,14 +110,16 @@ class State:
         Errors are never taken: a crashed decoder, a full memory, a permission
         fixed with chmod or a codec installed since may all have passed, so
         the file is tried again (and its study reported again) on every run.
-        Nor is an outcome that this run's header filter would decide otherwise.
+        Nor is an outcome the header decided (scored, or skipped for the header's
+        own reason) that this run's header filter decides otherwise.
         """
         if row["size"] != item.size or row["mtime"] != item.mtime or row["status"] == "error":
             return False
         header = DicomHeader(**json.loads(row["header"])) if row["header"] else None
-        if header and not (row["reason"] or "").startswith("duplicate_instance_of"):
-            decided = row["reason"] if row["status"] == "skipped" else ""
-            if (eligibility_skip(header, header_filter) or "") != decided:
+        if header:
+            stored_skip = row["reason"] if row["status"] == "skipped" else None
+            by_header = stored_skip in (None, skip_reason(header))  # not, say, a duplicate copy
+            if by_header and stored_skip != eligibility_skip(header, header_filter):
                 return False
         item.kind, item.header = row["kind"], header
         item.status, item.reason, item.note = row["status"], row["reason"], row["note"]

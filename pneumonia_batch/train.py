@@ -32,7 +32,8 @@ from pathlib import Path
 from . import __version__
 from .atomic import fsync_path, write_atomic, write_json_atomic
 from .dataset import (TRAINING_KINDS, VALIDATION_SPLIT, LabelledImage, list_labelled, patient_of,
-                      reason_counts, resolve_split, split_by_patient)
+                      resolve_split, split_by_patient)
+from .discover import count_reasons
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, sha256_of)
 
@@ -279,7 +280,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     train_dir = resolve_split(data_dir, "train")
     items, unused = list_labelled(train_dir, TRAINING_KINDS)
     if unused:
-        log(f"{len(unused)} files under {train_dir} not used: {reason_counts(u.reason for u in unused)}")
+        log(f"{len(unused)} files under {train_dir} not used: {count_reasons(u.reason for u in unused)}")
     train_items, val_items = split_by_patient(items, val_fraction, seed)
     if limit:  # tiny runs for tests and smoke checks
         train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)

@@ -341,6 +341,8 @@ def test_a_lossless_copy_arriving_later_replaces_the_scored_lossy_one(tmp_path):
     (study,) = rows(tmp_path / "r2.csv")
     assert study["n_scored"] == "1"
     assert "duplicate_instance_of study/lossless.dcm" in study["reason"]
+    third = run(studies, "--out", tmp_path / "r3.csv", "--state", state)
+    assert third.returncode == 0 and rows(tmp_path / "r3.csv") == []  # the stored duplicate stands
 
 
 def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
