@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .inference import RUNTIMES
-from .model import DEFAULT_MODEL, INPUT_SCALES
+from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
 
@@ -126,11 +126,9 @@ def calibrate(data_dir, model_path, target_sensitivity, local):
     rebuilt from the patient split recorded in the model's metadata.  With
     --local, the threshold is chosen on your own labelled images instead.
     """
-    import json
-
     from .dataset import TRAINING_KINDS, VALIDATION_SPLIT, list_labelled, resolve_split, split_by_patient
     from .evaluate import calibrate_model
-    from .model import metadata_path
+    from .model import checked_metadata
 
     try:
         if local:
@@ -138,11 +136,14 @@ def calibrate(data_dir, model_path, target_sensitivity, local):
             calibrate_model(model_path, items, f"the labelled folder {data_dir.resolve()}", target_sensitivity,
                             unused, log=to_stderr)
         else:
-            training = json.loads(metadata_path(model_path).read_text())["training"]
+            training = checked_metadata(model_path).get("training")
+            if not training:
+                raise click.UsageError("the model's metadata records no training split to rebuild; "
+                                       "use --local with your own labelled images")
             items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
             _, val_items = split_by_patient(items, training["validation_fraction"], training["seed"])
             calibrate_model(model_path, val_items, VALIDATION_SPLIT, target_sensitivity, log=to_stderr)
-    except (FileNotFoundError, ValueError) as exc:  # no usable images, no pneumonia case among them
+    except (FileNotFoundError, ValueError, ModelError) as exc:  # no usable images, no pneumonia case among them
         raise click.ClickException(str(exc))
 
 
@@ -176,7 +177,7 @@ def evaluate(data_dir, model_path, split, out_dir):
     try:
         items, unused = list_labelled(resolve_split(data_dir, split))
         result = run_evaluation(model_path, items, out_dir, unused)
-    except (FileNotFoundError, ValueError) as exc:  # no usable or no decodable images
+    except (FileNotFoundError, ValueError, ModelError) as exc:  # no usable or no decodable images
         raise click.ClickException(str(exc))
     click.echo(format_table(result))
     click.echo(f"written to {out_dir}/", err=True)
@@ -224,7 +225,7 @@ def evaluate(data_dir, model_path, split, out_dir):
 def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
            header_filter, state_path, include_previous, min_age, log_file, export_dir, progress,
            verbose, quiet):
-    from .model import ModelError, read_model_info
+    from .model import read_model_info
     from .pipeline import default_workers
     from .screening import ScreenOptions, screen as run_screen
     from .state import LockHeld

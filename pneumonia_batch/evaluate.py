@@ -7,7 +7,6 @@ model is only needed to produce probabilities.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, UnusedFile
 from .discover import count_reasons, readable
-from .model import CLASS_NAMES, metadata_path, read_model_info
+from .model import CLASS_NAMES, checked_metadata, metadata_path, read_model_info
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
 
@@ -140,8 +139,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     validation split of the training data, or a user's own labelled images.
     """
     model_path = Path(model_path)
-    meta_file = metadata_path(model_path)
-    meta = json.loads(meta_file.read_text())
+    meta = checked_metadata(model_path)  # the threshold must be written for this very model
     items, probabilities, failed = predict_items(model_path, items, meta["preprocessing"]["input_scale"])
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
@@ -165,7 +163,7 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
         "note": "the threshold was chosen on these images, so these figures are optimistic; "
                 "judge the model on data it never saw",
     }
-    write_json_atomic(meta_file, meta)
+    write_json_atomic(metadata_path(model_path), meta)
     if unused:
         log(f"{len(unused)} files not used: {count_reasons(u.reason for u in unused)}")
     low, high = at_threshold["sensitivity_95ci"]

@@ -56,6 +56,34 @@ class ModelInfo:
     metadata: dict
 
 
+def checked_metadata(model_path: Path, actual_sha: str | None = None) -> dict:
+    """The model's metadata, once it is shown to describe this very model file."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelError(f"model file not found: {model_path}")
+    meta_file = metadata_path(model_path)
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"no metadata file {meta_file.name} beside the model") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
+    actual_sha = actual_sha or sha256_of(model_path)
+    expected = meta.get("sha256")
+    if expected != actual_sha:
+        raise ModelError(
+            f"model file {model_path.name} does not match its metadata "
+            f"(sha256 {actual_sha[:12]}..., metadata says {str(expected)[:12]}...): "
+            "the threshold in the metadata belongs to another model"
+        )
+    if meta.get("class_names", CLASS_NAMES) != CLASS_NAMES:
+        raise ModelError(f"model classes {meta.get('class_names')} are not {CLASS_NAMES}")
+    size = meta.get("preprocessing", {}).get("input_size", INPUT_SIZE)
+    if size != INPUT_SIZE:
+        raise ModelError(f"model expects {size} px inputs; screening prepares {INPUT_SIZE} px")
+    return meta
+
+
 def read_model_info(model_path: Path, input_scale: str | None = None,
                     threshold: float | None = None) -> ModelInfo:
     """Check the model file against its metadata and return what screening uses.
@@ -69,22 +97,7 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
     actual_sha = sha256_of(model_path)
     meta_file = metadata_path(model_path)
     if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
-        expected = meta.get("sha256")
-        if expected != actual_sha:
-            raise ModelError(
-                f"model file {model_path.name} does not match its metadata "
-                f"(sha256 {actual_sha[:12]}..., metadata says {str(expected)[:12]}...): "
-                "the threshold in the metadata belongs to another model"
-            )
-        if meta.get("class_names", CLASS_NAMES) != CLASS_NAMES:
-            raise ModelError(f"model classes {meta.get('class_names')} are not {CLASS_NAMES}")
-        size = meta.get("preprocessing", {}).get("input_size", INPUT_SIZE)
-        if size != INPUT_SIZE:
-            raise ModelError(f"model expects {size} px inputs; screening prepares {INPUT_SIZE} px")
+        meta = checked_metadata(model_path, actual_sha)
     elif input_scale is None or threshold is None:
         raise ModelError(
             f"no metadata file {meta_file.name} beside the model: give --input-scale "

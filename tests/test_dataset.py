@@ -1,7 +1,6 @@
 """Labelled folders: every file used or listed with why, read the way screening reads it."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -245,6 +245,19 @@ def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
     with pytest.raises(ModelError, match="does not match its metadata"):
         read_model_info(copy)
 
+    # Neither evaluates it nor writes a threshold for it into the other model's metadata.
+    metadata = metadata_path(copy).read_bytes()
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(ROOT / "examples" / "studies" / f"paediatric-{label.lower()}", data / label)
+    for command in (["evaluate", data, "--out-dir", tmp_path / "ev"], ["calibrate", data, "--local"]):
+        result = subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, command), "--model", str(copy)],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 1 and "does not match its metadata" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert metadata_path(copy).read_bytes() == metadata
+    assert not (tmp_path / "ev").exists()
+
 
 def test_model_without_metadata_needs_scale_and_threshold(tiny_training, tmp_path):
     out, _, _ = tiny_training
@@ -274,8 +287,8 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
         for source in sorted((ROOT / "examples" / "studies" / f"paediatric-{label.lower()}").iterdir()):
             shutil.copy(source, data / label)
     (data / "PNEUMONIA" / "study-7").mkdir()
-    dicom = save(make_dataset(chest_pixels(), photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096),
-                 data / "PNEUMONIA" / "study-7" / "frontal.dcm")
+    save(make_dataset(chest_pixels(), photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096),
+         data / "PNEUMONIA" / "study-7" / "frontal.dcm")
     (data / "NORMAL" / "notes.txt").write_text("reviewed")
 
     result = pneumonia_batch_command("evaluate", data, "--model", out, "--out-dir", tmp_path / "ev")
