@@ -154,7 +154,10 @@ def convert(model_path):
     """Convert the model to TFLite (beside it, pinned in its metadata) for fast CPU screening."""
     from .inference import convert_to_tflite
 
-    click.echo(f"written {convert_to_tflite(model_path)}", err=True)
+    try:
+        click.echo(f"written {convert_to_tflite(model_path)}", err=True)
+    except ModelError as exc:
+        raise click.ClickException(str(exc))
 
 
 @main.command()

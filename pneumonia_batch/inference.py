@@ -161,22 +161,20 @@ def convert_to_tflite(model_path: Path) -> Path:
     """Convert a Keras model to TFLite beside it and pin the result in its metadata."""
     import contextlib
     import io
-    import json
 
     import tensorflow as tf
 
     from .atomic import write_atomic, write_json_atomic
-    from .model import load_keras_model, metadata_path
+    from .model import checked_metadata, load_keras_model, metadata_path
 
+    meta = checked_metadata(model_path)  # a conversion is pinned to the model its metadata describes
     model = load_keras_model(model_path)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     target = tflite_path(model_path)
     write_atomic(target, flatbuffer)
-    meta_file = metadata_path(model_path)
-    meta = json.loads(meta_file.read_text())
     meta["tflite"] = {"file": target.name, "sha256": sha256_of(target),
-                      "converted_from_sha256": sha256_of(model_path),
+                      "converted_from_sha256": meta["sha256"],
                       "tensorflow": tf.__version__}
-    write_json_atomic(meta_file, meta)
+    write_json_atomic(metadata_path(model_path), meta)
     return target

@@ -245,18 +245,18 @@ def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
     with pytest.raises(ModelError, match="does not match its metadata"):
         read_model_info(copy)
 
-    # Neither evaluates it nor writes a threshold for it into the other model's metadata.
+    # Nor is it evaluated, calibrated or converted for the other model's metadata.
     metadata = metadata_path(copy).read_bytes()
     data = tmp_path / "data"
     for label in ("NORMAL", "PNEUMONIA"):
         shutil.copytree(ROOT / "examples" / "studies" / f"paediatric-{label.lower()}", data / label)
-    for command in (["evaluate", data, "--out-dir", tmp_path / "ev"], ["calibrate", data, "--local"]):
+    for command in (["evaluate", data, "--out-dir", tmp_path / "ev"], ["calibrate", data, "--local"], ["convert"]):
         result = subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, command), "--model", str(copy)],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 1 and "does not match its metadata" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert metadata_path(copy).read_bytes() == metadata
-    assert not (tmp_path / "ev").exists()
+    assert not (tmp_path / "ev").exists() and not copy.with_suffix(".tflite").exists()
 
 
 def test_model_without_metadata_needs_scale_and_threshold(tiny_training, tmp_path):
