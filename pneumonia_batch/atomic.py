@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -14,9 +15,13 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the report
+        try:  # a file replaced keeps its permissions: a report an admin made private stays private
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp's 0600 would surprise whoever reads the report
+        os.chmod(tmp, mode)
         binary = isinstance(content, bytes)
         text_mode = {} if binary else {"newline": "", "encoding": "utf-8"}  # not the locale's: cron's may be ASCII
         with os.fdopen(fd, "wb" if binary else "w", **text_mode) as handle:

@@ -55,8 +55,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MODEL,
-              show_default=True, help="Model file to write (.keras); metadata goes beside it as .json.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Model file to write (.keras or .h5); metadata goes beside it as .json.")
 @click.option("--schedule", default="96:4:1e-3,128:1:3e-4,224:1:1e-4", show_default=True,
               help="Progressive resizing: comma-separated size:epochs:learning-rate, ending at 224.")
 @click.option("--init", type=click.Choice(["random", "imagenet"]), default="random", show_default=True,
@@ -64,19 +64,22 @@ def main() -> None:
 @click.option("--imagenet-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Keras DenseNet-121 no-top ImageNet weight file "
                    "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
-@click.option("--frozen-epochs", default=2, show_default=True,
+@click.option("--frozen-epochs", default=2, show_default=True, type=click.IntRange(min=0),
               help="With --init imagenet: epochs training the head on a frozen backbone first.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-fraction", default=0.1, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each class's patients held out of the train split for validation.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--patience", default=3, show_default=True, help="Early stopping patience (epochs, per phase).")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early stopping patience (epochs, per phase).")
 @click.option("--target-sensitivity", default=0.97, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
               help="Pneumonia sensitivity the threshold is calibrated for on the validation split.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint folder (default runs/<model name>).")
-@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
-@click.option("--limit", type=int, help="Use at most this many images per class (smoke runs).")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.  Without it, "
+              "a run folder holding an earlier run's epochs is refused rather than overwritten.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many images per class (smoke runs).")
 @click.option("--from-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning); its training record is "
                    "kept in the new metadata.")
@@ -96,7 +99,8 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
 
     try:
         phases = parse_schedule(schedule)
-        check_options(phases, init, out, from_model, average_last)
+        check_options(phases, init=init, imagenet_weights=imagenet_weights, out=out, from_model=from_model,
+                      average_last=average_last, run_dir=run_dir, resume=resume)
     except ValueError as exc:
         raise click.UsageError(str(exc))
     try:
@@ -105,7 +109,7 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
                      seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
                      target_sensitivity=target_sensitivity, from_model=from_model,
                      average_last=average_last, log=to_stderr)
-    except FileNotFoundError as exc:  # a run folder missing the checkpoints it records
+    except (OSError, ValueError, ModelError) as exc:  # missing checkpoints, no usable images, a bad start model
         raise click.ClickException(str(exc))
 
 
@@ -126,7 +130,7 @@ def calibrate(data_dir, model_path, target_sensitivity, local):
     rebuilt from the patient split recorded in the model's metadata.  With
     --local, the threshold is chosen on your own labelled images instead.
     """
-    from .dataset import TRAINING_KINDS, VALIDATION_SPLIT, list_labelled, resolve_split, split_by_patient
+    from .dataset import VALIDATION_SPLIT, list_labelled, rebuild_validation_split
     from .evaluate import calibrate_model
     from .model import checked_metadata
 
@@ -136,14 +140,9 @@ def calibrate(data_dir, model_path, target_sensitivity, local):
             calibrate_model(model_path, items, f"the labelled folder {data_dir.resolve()}", target_sensitivity,
                             unused, log=to_stderr)
         else:
-            training = checked_metadata(model_path).get("training")
-            if not training:
-                raise click.UsageError("the model's metadata records no training split to rebuild; "
-                                       "use --local with your own labelled images")
-            items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
-            _, val_items = split_by_patient(items, training["validation_fraction"], training["seed"])
+            val_items = rebuild_validation_split(data_dir, checked_metadata(model_path).get("training") or {})
             calibrate_model(model_path, val_items, VALIDATION_SPLIT, target_sensitivity, log=to_stderr)
-    except (FileNotFoundError, ValueError, ModelError) as exc:  # no usable images, no pneumonia case among them
+    except (OSError, ValueError, ModelError) as exc:  # not its data, no usable images, one class only
         raise click.ClickException(str(exc))
 
 
@@ -180,7 +179,7 @@ def evaluate(data_dir, model_path, split, out_dir):
     try:
         items, unused = list_labelled(resolve_split(data_dir, split))
         result = run_evaluation(model_path, items, out_dir, unused)
-    except (FileNotFoundError, ValueError, ModelError) as exc:  # no usable or no decodable images
+    except (OSError, ValueError, ModelError) as exc:  # no usable or no decodable images, an unwritable --out-dir
         raise click.ClickException(str(exc))
     click.echo(format_table(result))
     click.echo(f"written to {out_dir}/", err=True)

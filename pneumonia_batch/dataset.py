@@ -65,12 +65,11 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     """
     directory = Path(directory)
     found: list[tuple[int, discover.InputFile]] = []
-    for label, name in enumerate(CLASS_NAMES):
-        if (directory / name).is_dir():
-            for item in discover.walk(directory / name, confined=False):
-                item.rel = f"{name}/{item.rel}"  # duplicates are named across both classes
-                discover.identify(item)
-                found.append((label, item))
+    for label, folder in class_folders(directory):
+        for item in discover.walk(folder, confined=False):
+            item.rel = f"{folder.name}/{item.rel}"  # duplicates are named across both classes
+            discover.identify(item)
+            found.append((label, item))
     discover.group_studies([item for _, item in found])  # marks second copies of an instance
     items: list[LabelledImage] = []
     unused: list[UnusedFile] = []
@@ -86,11 +85,49 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     return items, unused
 
 
+def class_folders(directory: Path) -> list[tuple[int, Path]]:
+    """The class folders directly under ``directory`` with their labels, whatever their case
+    (``normal/``, ``Pneumonia/``): a folder missed for its spelling would drop a class unseen."""
+    labels = {name: label for label, name in enumerate(CLASS_NAMES)}
+    try:
+        children = sorted(Path(directory).iterdir())
+    except OSError:
+        return []
+    return [(labels[child.name.upper()], child) for child in children
+            if child.name.upper() in labels and child.is_dir()]
+
+
 def resolve_split(data_dir: Path, split: str) -> Path:
     """``DATA_DIR/split`` when the folder has splits, else DATA_DIR itself."""
     data_dir = Path(data_dir)
     candidate = data_dir / split
-    return candidate if candidate.is_dir() else data_dir
+    if candidate.is_dir() or class_folders(data_dir):
+        return candidate if candidate.is_dir() else data_dir
+    others = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+    raise FileNotFoundError(f"{data_dir} holds neither a {split} split nor {'/'.join(CLASS_NAMES)} folders"
+                            + (f" (its folders: {', '.join(others)})" if others else ""))
+
+
+def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledImage]:
+    """The validation split a model was trained with, rebuilt from its training record.
+
+    Refuses data that does not split into the recorded sizes: a threshold chosen
+    on other images must not be recorded as chosen on the validation split.
+    """
+    try:
+        fraction, seed = training["validation_fraction"], training["seed"]
+        recorded = training["n_train"], training["n_validation"]
+    except KeyError as missing:
+        raise ValueError(f"the model's training record lacks {missing}: the validation split cannot be "
+                         "rebuilt; use --local with labelled images of your own") from None
+    items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
+    train, val = split_by_patient(items, fraction, seed)
+    if (len(train), len(val)) != tuple(recorded):
+        raise ValueError(f"{data_dir} splits into {len(train)} training and {len(val)} validation images, "
+                         f"but the model was trained on {recorded[0]} and validated on {recorded[1]} "
+                         f"(from {training.get('data', 'data not recorded')}): this is not its training "
+                         "data. Use --local to choose the threshold on labelled images of your own")
+    return val
 
 
 def split_by_patient(items: list[LabelledImage], val_fraction: float,

@@ -15,7 +15,7 @@ import numpy as np
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, UnusedFile
 from .discover import count_reasons, readable
-from .model import CLASS_NAMES, checked_metadata, metadata_path, read_model_info
+from .model import CLASS_NAMES, checked_metadata, metadata_path, metadata_to_update, read_model_info
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
 
@@ -29,14 +29,14 @@ def confusion_matrix(labels: np.ndarray, flagged: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def wilson_interval(successes: int, n: int) -> list[float]:
-    """95 % Wilson score interval of a proportion; [0, 1] when there is nothing to count.
+def wilson_interval(successes: int, n: int) -> list[float] | None:
+    """95 % Wilson score interval of a proportion; None when there is nothing to count.
 
     Sensitivity and specificity are proportions of a few hundred cases at best:
     the interval says how far they may move on the next images of the same kind.
     """
     if n == 0:
-        return [0.0, 1.0]
+        return None
     p, z2 = successes / n, Z_95 ** 2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
@@ -44,7 +44,11 @@ def wilson_interval(successes: int, n: int) -> list[float]:
 
 
 def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity (with 95 % intervals) and a per-class report at one threshold."""
+    """Accuracy, sensitivity, specificity (with 95 % intervals) and a per-class report at one threshold.
+
+    Sensitivity without pneumonia images, and specificity without normal ones,
+    are None (null in JSON): not 0, which would read as a model that misses everything.
+    """
     matrix = confusion_matrix(labels, np.asarray(probabilities) >= threshold)
     (tn, fp), (fn, tp) = matrix
     report = {}
@@ -60,8 +64,8 @@ def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) 
     return {
         "threshold": float(threshold),
         "accuracy": float((tn + tp) / total) if total else 0.0,
-        "sensitivity": float(tp / (tp + fn)) if tp + fn else 0.0,
-        "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
         "sensitivity_95ci": wilson_interval(int(tp), int(tp + fn)),
         "specificity_95ci": wilson_interval(int(tn), int(tn + fp)),
         "confusion_matrix": matrix.tolist(),
@@ -82,11 +86,11 @@ def roc_curve(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray
     return np.r_[0.0, fps / max(n_neg, 1)], np.r_[0.0, tps / max(n_pos, 1)]
 
 
-def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half, as the Mann-Whitney statistic)."""
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half, as the Mann-Whitney statistic); None for one class."""
     labels = np.asarray(labels, int)
     if labels.min() == labels.max():
-        return float("nan")
+        return None
     fpr, tpr = roc_curve(labels, probabilities)
     trapezoid = getattr(np, "trapezoid", None) or np.trapz  # trapz before numpy 2
     return float(trapezoid(tpr, fpr))
@@ -139,8 +143,10 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     validation split of the training data, or a user's own labelled images.
     """
     model_path = Path(model_path)
-    meta = checked_metadata(model_path)  # the threshold must be written for this very model
+    meta = metadata_to_update(model_path)  # the threshold must be written for this very model
+    _require_both_classes(items)
     items, probabilities, failed = predict_items(model_path, items, meta["preprocessing"]["input_scale"])
+    _require_both_classes(items)  # still, after the files that did not decode
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
     threshold = threshold_for_sensitivity(labels, probabilities, target_sensitivity)
@@ -166,17 +172,32 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     write_json_atomic(metadata_path(model_path), meta)
     if unused:
         log(f"{len(unused)} files not used: {count_reasons(u.reason for u in unused)}")
-    low, high = at_threshold["sensitivity_95ci"]
+    low, high = at_threshold["sensitivity_95ci"]  # both classes are there: every figure is defined
     log(f"threshold {threshold:.4f} on {len(items)} images ({int(labels.sum())} pneumonia): sensitivity "
         f"{at_threshold['sensitivity']:.3f} (95 % interval {low:.3f}-{high:.3f}), specificity "
         f"{at_threshold['specificity']:.3f}, AUC {meta['validation']['roc_auc']:.4f}")
     return meta
 
 
+def _require_both_classes(items: list[LabelledImage]) -> None:
+    present = {i.label for i in items}
+    missing = [name for label, name in enumerate(CLASS_NAMES) if label not in present]
+    if missing:
+        raise ValueError(f"no {missing[0]} images among the {len(items)} usable ones: a threshold needs both "
+                         "classes, pneumonia for its sensitivity and normal for its specificity")
+
+
 def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
              unused: list[UnusedFile] = ()) -> dict:
-    """Metrics at the model's threshold and at 0.5, as JSON plus ROC and confusion PNGs."""
+    """Metrics at the model's threshold and at 0.5, as JSON plus ROC and confusion PNGs.
+
+    A folder of one class is evaluated too (the sensitivity of a pneumonia-only
+    set); the figures the other class would give are None.
+    """
+    checked_metadata(model_path)  # evaluation takes its scaling and threshold from the metadata
     info = read_model_info(model_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a bad --out-dir fails before the inference, not after
     items, probabilities, failed = predict_items(model_path, items, info.input_scale)
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
@@ -192,24 +213,28 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
                    for i, p in zip(items, probabilities)],
         "not_used": [{"path": readable(str(u.path)), "reason": u.reason} for u in unused],
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "evaluation.json", result)
     _plot(labels, probabilities, result, out_dir)
     return result
 
 
+def _figure(value: float | None, interval: list[float] | None = None) -> str:
+    """A figure for the table; n/a when its class has no images."""
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), "
-             f"ROC-AUC {result['roc_auc']:.4f}"]
+    auc = "n/a (one class only)" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"
+    lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), ROC-AUC {auc}"]
     if result["not_used"]:
         lines.append(f"{len(result['not_used'])} files not used: "
                      f"{count_reasons(u['reason'] for u in result['not_used'])}")
     for key in ("at_model_threshold", "at_0.5"):
         m = result[key]
         (tn, fp), (fn, tp) = m["confusion_matrix"]
-        sensitivity, specificity = (f"{m[k]:.3f} ({m[k + '_95ci'][0]:.3f}-{m[k + '_95ci'][1]:.3f})"
-                                    for k in ("sensitivity", "specificity"))
+        sensitivity, specificity = (_figure(m[k], m[k + "_95ci"]) for k in ("sensitivity", "specificity"))
         lines.append(f"threshold {m['threshold']:.4f}: accuracy {m['accuracy']:.3f}  "
                      f"sensitivity {sensitivity}  specificity {specificity}  "
                      f"confusion [[TN {tn}, FP {fp}], [FN {fn}, TP {tp}]]")
@@ -227,19 +252,22 @@ def _plot(labels: np.ndarray, probabilities: np.ndarray, result: dict, out_dir: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fpr, tpr = roc_curve(labels, probabilities)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, label=f"AUC {result['roc_auc']:.3f}")
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     m = result["at_model_threshold"]
-    ax.scatter([1 - m["specificity"]], [m["sensitivity"]], color="red", zorder=3,
-               label=f"threshold {m['threshold']:.3f}")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=90)
-    plt.close(fig)
+    if result["roc_auc"] is not None:  # a curve needs both classes
+        fpr, tpr = roc_curve(labels, probabilities)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, tpr, label=f"AUC {result['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+        ax.scatter([1 - m["specificity"]], [m["sensitivity"]], color="red", zorder=3,
+                   label=f"threshold {m['threshold']:.3f}")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out_dir / "roc.png", dpi=90)
+        plt.close(fig)
+    else:  # nor may an earlier evaluation's curve stand beside this one's figures
+        (out_dir / "roc.png").unlink(missing_ok=True)
 
     fig, ax = plt.subplots(figsize=(4, 3.6))
     matrix = np.array(m["confusion_matrix"])

@@ -165,9 +165,9 @@ def convert_to_tflite(model_path: Path) -> Path:
     import tensorflow as tf
 
     from .atomic import write_atomic, write_json_atomic
-    from .model import checked_metadata, load_keras_model, metadata_path
+    from .model import load_keras_model, metadata_path, metadata_to_update
 
-    meta = checked_metadata(model_path)  # a conversion is pinned to the model its metadata describes
+    meta = metadata_to_update(model_path)  # a conversion is pinned to the model its metadata describes
     model = load_keras_model(model_path)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,21 @@ def checked_metadata(model_path: Path, actual_sha: str | None = None) -> dict:
     return meta
 
 
+def read_only(path: Path) -> bool:
+    """Write permission removed on purpose (os.access would say writable to root)."""
+    return Path(path).exists() and not os.stat(path).st_mode & stat.S_IWUSR
+
+
+def metadata_to_update(model_path: Path) -> dict:
+    """The checked metadata of a model whose metadata is about to be rewritten."""
+    meta = checked_metadata(model_path)
+    meta_file = metadata_path(model_path)
+    if read_only(meta_file):
+        raise ModelError(f"{meta_file} is read-only: copy the model and its metadata elsewhere and "
+                         "pass --model, or make it writable")
+    return meta
+
+
 def read_model_info(model_path: Path, input_scale: str | None = None,
                     threshold: float | None = None) -> ModelInfo:
     """Check the model file against its metadata and return what screening uses.
@@ -113,7 +130,8 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
     else:
         stored = meta.get("threshold", {})
         if "value" not in stored:
-            raise ModelError(f"metadata {meta_file.name} holds no threshold; run calibrate or give --threshold")
+            raise ModelError(f"metadata {meta_file.name} holds no threshold: run calibrate first "
+                             "(screening also takes --threshold)")
         chosen, source = float(stored["value"]), stored.get("method", "model metadata")
     return ModelInfo(
         path=model_path,

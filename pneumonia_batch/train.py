@@ -35,7 +35,7 @@ from .dataset import (TRAINING_KINDS, VALIDATION_SPLIT, LabelledImage, list_labe
                       resolve_split, split_by_patient)
 from .discover import count_reasons
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
-                    metadata_path, sha256_of)
+                    metadata_path, read_only, sha256_of)
 
 # Keras's defaults for the two validation-loss callbacks, which a resume replays
 EARLY_STOP_MIN_DELTA = 0.0
@@ -95,9 +95,13 @@ def parse_schedule(text: str) -> list[Phase]:
         fields = part.strip().split(":")
         if len(fields) not in (2, 3):
             raise ValueError(f"schedule entry {part!r} is not size:epochs[:lr]")
-        size, epochs = int(fields[0]), int(fields[1])
-        lr = float(fields[2]) if len(fields) == 3 else 1e-3
-        if size < 32 or epochs < 1 or lr <= 0:
+        try:
+            size, epochs = int(fields[0]), int(fields[1])
+            lr = float(fields[2]) if len(fields) == 3 else 1e-3
+        except ValueError:
+            raise ValueError(f"schedule entry {part!r} is not size:epochs[:lr] with whole numbers "
+                             "for size and epochs") from None
+        if size < 32 or epochs < 1 or not 0 < lr < math.inf:
             raise ValueError(f"schedule entry {part!r} out of range")
         phases.append(Phase(size, epochs, lr))
     if phases[-1].size != INPUT_SIZE:
@@ -105,22 +109,34 @@ def parse_schedule(text: str) -> list[Phase]:
     return phases
 
 
-def check_options(schedule: list[Phase], init: str, out: Path, from_model: Path | None,
-                  average_last: int) -> None:
+def run_folder_path(out: Path, run_dir: Path | None) -> Path:
+    return Path(run_dir) if run_dir else Path("runs") / Path(out).stem
+
+
+def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | None, out: Path,
+                  from_model: Path | None, average_last: int, run_dir: Path | None, resume: bool) -> None:
     """Refuse option combinations that cannot train, before any data is read."""
     if schedule[-1].size != INPUT_SIZE:
         raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
     if average_last > schedule[-1].epochs:
         raise ValueError(f"--average-last {average_last} exceeds the {schedule[-1].epochs} epochs "
                          "of the schedule's final phase")
-    if from_model is None:
-        return
-    if init != "random":
+    if from_model is not None and init != "random":
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
+    if init == "imagenet" and imagenet_weights is None:
+        raise ValueError("--init imagenet needs --imagenet-weights: the weights cannot be downloaded here")
+    if Path(out).suffix.lower() not in (".keras", ".h5"):
+        raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
+    if read_only(out) or read_only(metadata_path(out)):
+        raise ValueError(f"--out {out}: that model or its metadata is read-only")
     # the start model and its history must survive the run and its resumes
-    if Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
+    if from_model is not None and Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
         raise ValueError("--out would overwrite the --from-model model and its history; write the "
                          "fine-tuned model elsewhere")
+    progress = run_folder_path(out, run_dir) / "progress.json"
+    if not resume and progress.is_file():  # a forgotten --resume must not wipe hours of training
+        raise ValueError(f"{progress.parent} holds an earlier run: --resume continues it; to start afresh, "
+                         "remove that folder or give another --run-dir")
 
 
 def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
@@ -265,12 +281,15 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     from .evaluate import calibrate_model
 
-    check_options(schedule, init, out, from_model, average_last)
+    check_options(schedule, init=init, imagenet_weights=imagenet_weights, out=out, from_model=from_model,
+                  average_last=average_last, run_dir=run_dir, resume=resume)
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run = _RunFolder(run_dir or Path("runs") / out.stem)
+    run = _RunFolder(run_folder_path(out, run_dir))
+    if resume and not run.progress.is_file():
+        log(f"nothing to resume in {run.root}: starting a new run")
     progress = run.load_progress() if resume else {"completed_epochs": 0, "history": []}
     last_weights = run.epoch_weights(progress["completed_epochs"])
     if resume and progress["completed_epochs"] and not last_weights.is_file():

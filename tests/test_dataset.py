@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from pneumonia_batch.dataset import TRAINING_KINDS, list_labelled
+from pneumonia_batch.dataset import (TRAINING_KINDS, list_labelled, rebuild_validation_split, resolve_split,
+                                     split_by_patient)
 from pneumonia_batch.discover import count_reasons
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 
@@ -60,3 +61,36 @@ def test_a_folder_without_usable_images_is_an_error(tmp_path):
     (tmp_path / "NORMAL" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no usable images"):
         list_labelled(tmp_path)
+
+
+def test_class_folders_are_found_whatever_their_case(tmp_path):
+    for folder in ("normal", "Pneumonia"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpeg").write_bytes(NORMAL_JPEG.read_bytes())
+    items, _ = list_labelled(tmp_path)
+    assert sorted((i.path.parent.name, i.label) for i in items) == [("Pneumonia", 1), ("normal", 0)]
+
+
+def test_a_missing_split_is_named(tmp_path):
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    assert resolve_split(tmp_path, "train") == tmp_path / "train"
+    assert resolve_split(tmp_path / "train", "test") == tmp_path / "train"  # class folders right there
+    with pytest.raises(FileNotFoundError, match=r"neither a test split .*\(its folders: train, val\)"):
+        resolve_split(tmp_path, "test")
+
+
+def test_validation_split_is_rebuilt_only_from_the_data_it_was_made_of(tmp_path):
+    for n in range(10):  # ten patients a class
+        for label, name in (("NORMAL", f"IM-{n:04d}-0001.jpeg"), ("PNEUMONIA", f"person{n}_virus_{n}.jpeg")):
+            (tmp_path / "train" / label).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "train" / label / name).write_bytes(NORMAL_JPEG.read_bytes())
+    training = {"validation_fraction": 0.2, "seed": 3, "n_train": 16, "n_validation": 4}
+    items, _ = list_labelled(tmp_path / "train", TRAINING_KINDS)
+    assert rebuild_validation_split(tmp_path, training) == split_by_patient(items, 0.2, 3)[1]
+    (tmp_path / "train" / "NORMAL" / "IM-0000-0001.jpeg").unlink()
+    with pytest.raises(ValueError, match="splits into 15 training and 4 validation images, but the model was "
+                                         "trained on 16 and validated on 4"):
+        rebuild_validation_split(tmp_path, training)
+    with pytest.raises(ValueError, match="lacks 'seed'"):
+        rebuild_validation_split(tmp_path, {"validation_fraction": 0.2})

@@ -53,7 +53,16 @@ def test_wilson_interval_by_hand():
     assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
     # all of n: the upper end is 1 and the lower n / (n + z^2)
     assert wilson_interval(10, 10) == pytest.approx([10 / (10 + 1.959964 ** 2), 1.0])
-    assert wilson_interval(0, 0) == [0.0, 1.0]
+    assert wilson_interval(0, 0) is None
     m = metrics_at(LABELS, SCORES, 0.5)  # sensitivity 5/6, specificity 3/4 (above)
     assert m["sensitivity_95ci"] == pytest.approx(wilson_interval(5, 6))
     assert m["specificity_95ci"] == pytest.approx(wilson_interval(3, 4))
+
+
+def test_one_class_leaves_the_other_classs_figures_undefined():
+    """A pneumonia-only set has a sensitivity; its specificity and AUC are not 0 but undefined."""
+    m = metrics_at(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.6]), 0.5)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["sensitivity_95ci"] == pytest.approx(wilson_interval(2, 3))
+    assert m["specificity"] is None and m["specificity_95ci"] is None
+    assert roc_auc(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.6])) is None
+    assert metrics_at(np.array([0, 0]), np.array([0.9, 0.2]), 0.5)["sensitivity"] is None

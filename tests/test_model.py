@@ -323,6 +323,46 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     assert min(images.values()) >= meta["threshold"]["value"] - 1e-6
 
 
+def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training, tmp_path):
+    """A pneumonia-only folder is evaluated (specificity undefined, not 0) but never calibrated on;
+    calibrate without --local refuses data the model was not trained on; a read-only metadata file is
+    left as it is."""
+    out, _, _ = tiny_training
+    model = tmp_path / "ours" / "tiny.keras"
+    model.parent.mkdir()
+    shutil.copy(out, model)
+    shutil.copy(metadata_path(out), metadata_path(model))
+    metadata = metadata_path(model).read_bytes()
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "examples" / "studies" / "paediatric-pneumonia", data / "pneumonia")
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, args), "--model", str(model)],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    result = command("evaluate", data, "--out-dir", tmp_path / "ev")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())  # strict JSON: no NaN
+    assert saved["n_images"] == saved["n_pneumonia"] == 2 and saved["roc_auc"] is None
+    assert saved["at_0.5"]["specificity"] is None and saved["at_0.5"]["sensitivity"] is not None
+    assert "ROC-AUC n/a (one class only)" in result.stdout and "specificity n/a" in result.stdout
+    assert (tmp_path / "ev" / "confusion.png").is_file() and not (tmp_path / "ev" / "roc.png").exists()
+
+    (tmp_path / "afile").write_text("x")
+    result = command("evaluate", data, "--out-dir", tmp_path / "afile" / "ev")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+
+    result = command("calibrate", data, "--local")
+    assert result.returncode == 1 and "no NORMAL images among the 2 usable ones" in result.stderr, result.stderr
+    result = command("calibrate", data)
+    assert result.returncode == 1 and "this is not its training data" in result.stderr, result.stderr
+    shutil.copytree(ROOT / "examples" / "studies" / "paediatric-normal", data / "normal")
+    metadata_path(model).chmod(0o444)
+    result = command("calibrate", data, "--local")
+    assert result.returncode == 1 and "is read-only" in result.stderr, result.stderr
+    assert metadata_path(model).read_bytes() == metadata
+
+
 def test_evaluate_with_nothing_decodable_is_a_clear_error(tiny_training, tmp_path):
     out, _, _ = tiny_training
     for label in ("NORMAL", "PNEUMONIA"):  # JPEG signatures, bodies cut off
@@ -483,11 +523,38 @@ def test_batchnorm_statistics_become_means_over_the_data():
     (["--init", "imagenet", "--from-model", "weights/densenet121_pneumonia.keras"], "leave --init at random"),
     (["--from-model", "weights/densenet121_pneumonia.keras", "--out", "weights/densenet121_pneumonia.keras"],
      "would overwrite the --from-model model"),
+    (["--init", "imagenet"], "needs --imagenet-weights"),
+    (["--out", "pneumonia_v2"], "must end in .keras"),
+    (["--schedule", "224:1:nan"], "out of range"),
+    (["--schedule", "224:1.5"], "whole numbers"),
+    (["--target-sensitivity", "1.5"], "--target-sensitivity"),
+    (["--val-fraction", "0"], "--val-fraction"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--limit", "0"], "--limit"),
 ])
 def test_inconsistent_training_options_are_usage_errors(args, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path),
                              "--out", str(tmp_path / "m.keras"), *args], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(tmp_path.iterdir()) == []  # nothing written, not even the run folder
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
+    """Without --resume, a run folder holding epochs is refused; and --out is never optional, so
+    the shipped model is only replaced on purpose."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 5, "history": []}))
+    (run_dir / "epoch-005.weights.h5").write_bytes(b"five epochs of training")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "holds an earlier run: --resume continues it" in result.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Missing option '--out'" in result.stderr
 
 
 def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):

@@ -91,3 +91,23 @@ def test_a_disk_error_while_flushing_the_folder_is_raised(tmp_path, monkeypatch)
     with pytest.raises(OSError) as raised:
         report.write_report(tmp_path / "report.csv", "csv", [], report.RunSummary(run_id="r"))
     assert raised.value.errno == errno.EIO
+
+
+def test_a_report_replaced_keeps_its_permissions(tmp_path):
+    """An admin made last night's report private; tonight's replacement stays private."""
+    target = tmp_path / "report.csv"
+    report.write_report(target, "csv", [], report.RunSummary(run_id="r1"))
+    target.chmod(0o600)
+    report.write_report(target, "csv", [], report.RunSummary(run_id="r2"))
+    assert target.stat().st_mode & 0o777 == 0o600
+    fresh = tmp_path / "fresh.csv"
+    report.write_report(fresh, "csv", [], report.RunSummary(run_id="r3"))
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
