@@ -120,6 +120,9 @@ def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledIma
     except KeyError as missing:
         raise ValueError(f"the model's training record lacks {missing}: the validation split cannot be "
                          "rebuilt; use --local with labelled images of your own") from None
+    if training.get("limit_per_class"):
+        raise ValueError(f"the model was trained with --limit {training['limit_per_class']} (a smoke run): its "
+                         "validation split cannot be rebuilt; use --local with labelled images")
     items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
     train, val = split_by_patient(items, fraction, seed)
     if (len(train), len(val)) != tuple(recorded):

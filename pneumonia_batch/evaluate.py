@@ -55,11 +55,10 @@ def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) 
     for k, name in enumerate(CLASS_NAMES):
         predicted = matrix[:, k].sum()
         actual = matrix[k, :].sum()
-        precision = matrix[k, k] / predicted if predicted else 0.0
-        recall = matrix[k, k] / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report[name] = {"precision": float(precision), "recall": float(recall),
-                        "f1": float(f1), "support": int(actual)}
+        precision = float(matrix[k, k] / predicted) if predicted else 0.0
+        recall = float(matrix[k, k] / actual) if actual else None  # a class with no images
+        f1 = None if recall is None else 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        report[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     total = matrix.sum()
     return {
         "threshold": float(threshold),
@@ -240,8 +239,8 @@ def format_table(result: dict) -> str:
                      f"confusion [[TN {tn}, FP {fp}], [FN {fn}, TP {tp}]]")
         lines.append(f"  {'class':<10} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
         for name, row in m["classification_report"].items():
-            lines.append(f"  {name:<10} {row['precision']:>9.3f} {row['recall']:>7.3f} "
-                         f"{row['f1']:>6.3f} {row['support']:>8d}")
+            lines.append(f"  {name:<10} {_figure(row['precision']):>9} {_figure(row['recall']):>7} "
+                         f"{_figure(row['f1']):>6} {row['support']:>8d}")
     lines.append("sensitivity and specificity with their 95 % Wilson intervals")
     return "\n".join(lines)
 

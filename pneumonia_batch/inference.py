@@ -165,9 +165,11 @@ def convert_to_tflite(model_path: Path) -> Path:
     import tensorflow as tf
 
     from .atomic import write_atomic, write_json_atomic
-    from .model import load_keras_model, metadata_path, metadata_to_update
+    from .model import load_keras_model, metadata_path, metadata_to_update, read_only
 
     meta = metadata_to_update(model_path)  # a conversion is pinned to the model its metadata describes
+    if read_only(tflite_path(model_path)):
+        raise ModelError(f"{tflite_path(model_path)} is read-only")
     model = load_keras_model(model_path)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()

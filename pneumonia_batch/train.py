@@ -125,7 +125,7 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
     if init == "imagenet" and imagenet_weights is None:
         raise ValueError("--init imagenet needs --imagenet-weights: the weights cannot be downloaded here")
-    if Path(out).suffix.lower() not in (".keras", ".h5"):
+    if Path(out).suffix not in (".keras", ".h5"):  # Keras saves lower-case suffixes only
         raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
     if read_only(out) or read_only(metadata_path(out)):
         raise ValueError(f"--out {out}: that model or its metadata is read-only")

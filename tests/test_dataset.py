@@ -92,5 +92,7 @@ def test_validation_split_is_rebuilt_only_from_the_data_it_was_made_of(tmp_path)
     with pytest.raises(ValueError, match="splits into 15 training and 4 validation images, but the model was "
                                          "trained on 16 and validated on 4"):
         rebuild_validation_split(tmp_path, training)
+    with pytest.raises(ValueError, match="trained with --limit 4"):
+        rebuild_validation_split(tmp_path, {**training, "limit_per_class": 4})
     with pytest.raises(ValueError, match="lacks 'seed'"):
         rebuild_validation_split(tmp_path, {"validation_fraction": 0.2})

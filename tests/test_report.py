@@ -97,9 +97,9 @@ def test_a_report_replaced_keeps_its_permissions(tmp_path):
     """An admin made last night's report private; tonight's replacement stays private."""
     target = tmp_path / "report.csv"
     report.write_report(target, "csv", [], report.RunSummary(run_id="r1"))
-    target.chmod(0o600)
+    target.chmod(0o640)  # no umask gives this mode by default
     report.write_report(target, "csv", [], report.RunSummary(run_id="r2"))
-    assert target.stat().st_mode & 0o777 == 0o600
+    assert target.stat().st_mode & 0o777 == 0o640
     fresh = tmp_path / "fresh.csv"
     report.write_report(fresh, "csv", [], report.RunSummary(run_id="r3"))
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~_umask()
