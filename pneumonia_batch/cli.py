@@ -71,7 +71,8 @@ def main() -> None:
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each class's patients held out of the train split for validation.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early stopping patience (epochs, per phase).")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Early stopping patience (epochs, per phase).")
 @click.option("--target-sensitivity", default=0.97, show_default=True,
               type=click.FloatRange(0, 1, min_open=True),
               help="Pneumonia sensitivity the threshold is calibrated for on the validation split.")

@@ -100,9 +100,10 @@ def class_folders(directory: Path) -> list[tuple[int, Path]]:
 def resolve_split(data_dir: Path, split: str) -> Path:
     """``DATA_DIR/split`` when the folder has splits, else DATA_DIR itself."""
     data_dir = Path(data_dir)
-    candidate = data_dir / split
-    if candidate.is_dir() or class_folders(data_dir):
-        return candidate if candidate.is_dir() else data_dir
+    if (data_dir / split).is_dir():
+        return data_dir / split
+    if class_folders(data_dir):
+        return data_dir
     others = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
     raise FileNotFoundError(f"{data_dir} holds neither a {split} split nor {'/'.join(CLASS_NAMES)} folders"
                             + (f" (its folders: {', '.join(others)})" if others else ""))

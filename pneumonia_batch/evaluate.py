@@ -15,7 +15,7 @@ import numpy as np
 from .atomic import write_json_atomic
 from .dataset import LabelledImage, UnusedFile
 from .discover import count_reasons, readable
-from .model import CLASS_NAMES, checked_metadata, metadata_path, metadata_to_update, read_model_info
+from .model import CLASS_NAMES, metadata_path, metadata_to_update, read_model_info
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
 
@@ -56,8 +56,10 @@ def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) 
         predicted = matrix[:, k].sum()
         actual = matrix[k, :].sum()
         precision = float(matrix[k, k] / predicted) if predicted else 0.0
-        recall = float(matrix[k, k] / actual) if actual else None  # a class with no images
-        f1 = None if recall is None else 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        recall = f1 = None  # a class with no images
+        if actual:
+            recall = float(matrix[k, k] / actual)
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         report[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     total = matrix.sum()
     return {
@@ -193,8 +195,7 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     A folder of one class is evaluated too (the sensitivity of a pneumonia-only
     set); the figures the other class would give are None.
     """
-    checked_metadata(model_path)  # evaluation takes its scaling and threshold from the metadata
-    info = read_model_info(model_path)
+    info = read_model_info(model_path)  # scaling and threshold from the metadata only
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # a bad --out-dir fails before the inference, not after
     items, probabilities, failed = predict_items(model_path, items, info.input_scale)

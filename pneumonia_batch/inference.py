@@ -168,12 +168,12 @@ def convert_to_tflite(model_path: Path) -> Path:
     from .model import load_keras_model, metadata_path, metadata_to_update, read_only
 
     meta = metadata_to_update(model_path)  # a conversion is pinned to the model its metadata describes
-    if read_only(tflite_path(model_path)):
-        raise ModelError(f"{tflite_path(model_path)} is read-only")
+    target = tflite_path(model_path)
+    if read_only(target):
+        raise ModelError(f"{target} is read-only")
     model = load_keras_model(model_path)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    target = tflite_path(model_path)
     write_atomic(target, flatbuffer)
     meta["tflite"] = {"file": target.name, "sha256": sha256_of(target),
                       "converted_from_sha256": meta["sha256"],

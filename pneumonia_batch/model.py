@@ -58,7 +58,7 @@ class ModelInfo:
     metadata: dict
 
 
-def checked_metadata(model_path: Path, actual_sha: str | None = None) -> dict:
+def checked_metadata(model_path: Path) -> dict:
     """The model's metadata, once it is shown to describe this very model file."""
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -70,7 +70,7 @@ def checked_metadata(model_path: Path, actual_sha: str | None = None) -> dict:
         raise ModelError(f"no metadata file {meta_file.name} beside the model") from exc
     except (OSError, ValueError) as exc:
         raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
-    actual_sha = actual_sha or sha256_of(model_path)
+    actual_sha = sha256_of(model_path)
     expected = meta.get("sha256")
     if expected != actual_sha:
         raise ModelError(
@@ -109,19 +109,17 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
     the input scaling and the threshold (a user's own model).
     """
     model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelError(f"model file not found: {model_path}")
-    actual_sha = sha256_of(model_path)
     meta_file = metadata_path(model_path)
     if meta_file.is_file():
-        meta = checked_metadata(model_path, actual_sha)
+        meta = checked_metadata(model_path)
+        actual_sha = meta["sha256"]
+    elif not model_path.is_file():
+        raise ModelError(f"model file not found: {model_path}")
     elif input_scale is None or threshold is None:
-        raise ModelError(
-            f"no metadata file {meta_file.name} beside the model: give --input-scale "
-            "and --threshold for a model without metadata"
-        )
+        raise ModelError(f"no metadata file {meta_file.name} beside the model (screening takes "
+                         "--input-scale and --threshold for a model without one)")
     else:
-        meta = {}
+        meta, actual_sha = {}, sha256_of(model_path)
     scale = input_scale or meta.get("preprocessing", {}).get("input_scale", "raw")
     if scale not in INPUT_SCALES:
         raise ModelError(f"unknown input scale {scale!r}; expected one of {INPUT_SCALES}")

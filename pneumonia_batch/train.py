@@ -129,8 +129,8 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
         raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
     if read_only(out) or read_only(metadata_path(out)):
         raise ValueError(f"--out {out}: that model or its metadata is read-only")
-    # the start model and its history must survive the run and its resumes
-    if from_model is not None and Path(out).resolve().with_suffix("") == Path(from_model).resolve().with_suffix(""):
+    start = Path(from_model).resolve().with_suffix("") if from_model is not None else None
+    if start == Path(out).resolve().with_suffix(""):  # the start model and its history must survive the run
         raise ValueError("--out would overwrite the --from-model model and its history; write the "
                          "fine-tuned model elsewhere")
     progress = run_folder_path(out, run_dir) / "progress.json"

@@ -250,9 +250,10 @@ def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
     data = tmp_path / "data"
     for label in ("NORMAL", "PNEUMONIA"):
         shutil.copytree(ROOT / "examples" / "studies" / f"paediatric-{label.lower()}", data / label)
-    for command in (["evaluate", data, "--out-dir", tmp_path / "ev"], ["calibrate", data, "--local"], ["convert"]):
-        result = subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, command), "--model", str(copy)],
-                                capture_output=True, text=True, cwd=ROOT)
+    for command in (["evaluate", data, "--out-dir", tmp_path / "ev"], ["calibrate", data, "--local"],
+                    ["convert"]):
+        result = subprocess.run([sys.executable, "-m", "pneumonia_batch", *map(str, command),
+                                 "--model", str(copy)], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 1 and "does not match its metadata" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert metadata_path(copy).read_bytes() == metadata
@@ -360,6 +361,13 @@ def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training
     metadata_path(model).chmod(0o444)
     result = command("calibrate", data, "--local")
     assert result.returncode == 1 and "is read-only" in result.stderr, result.stderr
+    assert metadata_path(model).read_bytes() == metadata
+    metadata_path(model).chmod(0o644)
+    model.with_suffix(".tflite").write_bytes(b"a conversion kept on purpose")
+    model.with_suffix(".tflite").chmod(0o444)
+    result = command("convert")
+    assert result.returncode == 1 and "tiny.tflite is read-only" in result.stderr, result.stderr
+    assert model.with_suffix(".tflite").read_bytes() == b"a conversion kept on purpose"
     assert metadata_path(model).read_bytes() == metadata
 
 
