@@ -11,8 +11,11 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path`` and fsync the folder."""
-    path = Path(path)
+    """Write to a temp file in the same folder, fsync, then rename over ``path`` and fsync the folder.
+
+    A symlink is followed, as a shell's ``>`` would: its target is replaced, the link stays.
+    """
+    path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:  # a file replaced keeps its permissions: a report an admin made private stays private

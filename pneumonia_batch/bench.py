@@ -1,6 +1,7 @@
 """Throughput benchmark: model-only runtimes, screen.py end to end, and a seed-style loop.
 
     python -m pneumonia_batch.bench --data ../shared/data --files 300
+    python -m pneumonia_batch.bench --decode-shift [--json shift.json]   # reduced decoding's effect
 
 Everything is measured in one run on one machine, so the ratios compare like
 with like.  The corpus is built from the shared data: full-size JPEGs, and
@@ -160,6 +161,66 @@ def decode_costs(corpus: Path) -> dict[str, float]:
     return result
 
 
+def _j2k_twin(grey, path: Path) -> None:
+    """A 12-bit JPEG 2000 lossless CR twin of an 8-bit grey image (0..255 -> 0..4095, no window)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    from .dicom import CR_IMAGE
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "AP"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = grey.height, grey.width
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.round(np.asarray(grey, np.float64) * (4095 / 255)).astype(np.uint16).tobytes()
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(path, enforce_file_format=True)
+
+
+def decode_shift(data: Path, model_path: Path) -> dict:
+    """How far reduced-resolution decoding moves the model's probabilities, per file kind.
+
+    Screening decodes large JPEGs at a reduced DCT scale (Pillow draft) and large JPEG 2000
+    DICOMs at half resolution, never below DECODE_MIN_SIDE a side, to save time.  This scores
+    every full-size JPEG of kermany-fullres and kermany-val (never the test split), and a 12-bit
+    JPEG 2000 lossless DICOM twin of each, decoded in full and reduced, with the TFLite runtime
+    screening uses.  README quotes these numbers: rerun it when the model or the decoding changes.
+    """
+    from .images import read_grey
+    from .inference import make_runner
+    from .preprocess import DECODE_MIN_SIDE, read_grey_image, to_model_input
+
+    runner = make_runner(read_model_info(model_path), "tflite", 16)
+    sources = sorted((data / "kermany-fullres").rglob("*.jpeg")) + sorted((data / "kermany-val").rglob("*.jpeg"))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pneumonia-shift-") as tmp:
+        twins = [Path(tmp) / f"{i:03d}.dcm" for i in range(len(sources))]
+        for source, twin in zip(sources, twins):
+            _j2k_twin(read_grey(source), twin)
+        for kind, decoder, paths in (("jpeg", "jpeg", sources), ("jpeg2000", "dicom", twins)):
+            full, reduced, was_reduced = [], [], []
+            for path in paths:  # model_input_from_file in two steps, to see the decoded size
+                whole, small = (read_grey_image(str(path), decoder, side)[0] for side in (None, DECODE_MIN_SIDE))
+                was_reduced.append(small.size != whole.size)
+                full.append(to_model_input(whole))
+                reduced.append(to_model_input(small))
+            shift = np.abs(runner.predict(np.stack(reduced)) - runner.predict(np.stack(full)))
+            worst, n_reduced = int(np.argmax(shift)), sum(was_reduced)
+            mean = float(shift[was_reduced].mean()) if n_reduced else 0.0
+            results[kind] = {"files": len(paths), "decoded_reduced": n_reduced, "max_shift": float(shift[worst]),
+                             "max_shift_file": str(sources[worst].relative_to(data)),
+                             "mean_shift_of_reduced": mean}
+            print(f"{kind:8s}: {len(paths)} files, {n_reduced} decoded reduced; |probability shift| max "
+                  f"{shift[worst]:.4f} ({results[kind]['max_shift_file']}), mean of reduced {mean:.5f}", flush=True)
+    return {"model": model_path.name, "runtime": "tflite", "decode_min_side": DECODE_MIN_SIDE, "kinds": results}
+
+
 SEED_LOOP = r"""
 import sys, time, numpy as np, pydicom, keras
 from pathlib import Path
@@ -186,7 +247,15 @@ def main(argv=None) -> None:
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--decode-shift", action="store_true",
+                        help="only measure how reduced-resolution decoding moves the probabilities")
     args = parser.parse_args(argv)
+
+    if args.decode_shift:
+        results = decode_shift(args.data, args.model)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
 
     with tempfile.TemporaryDirectory(prefix="pneumonia-bench-") as tmp:
         corpus = Path(tmp) / "corpus"

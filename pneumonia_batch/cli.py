@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from .inference import RUNTIMES
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def to_stderr(message: str) -> None:
@@ -40,10 +42,12 @@ Examples:
 \b
 Exit codes:
   0  every file was read and every eligible study scored
-  1  the run completed but some files could not be read (rows with status error)
+  1  the run completed but some files could not be read (rows with status error),
+     or the review export failed (the report is still written)
   2  usage error
   3  another run holds the lock on the state database
   4  fatal: model missing or invalid, output not writable, state database damaged
+  130  interrupted (Ctrl-C): no report; with --state, what was scored is kept
 """
 
 
@@ -166,8 +170,9 @@ def convert(model_path):
               default=DEFAULT_MODEL, show_default=True)
 @click.option("--split", default="test", show_default=True,
               help="Split folder to use when DATA_DIR has train/val/test subfolders.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation"),
-              show_default=True, help="Where evaluation.json, roc.png and confusion.png go.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for evaluation.json, roc.png and confusion.png (created; files of an "
+                   "earlier evaluation there are replaced).")
 def evaluate(data_dir, model_path, split, out_dir):
     """Evaluate the model on a labelled folder DATA_DIR/{NORMAL,PNEUMONIA}.
 
@@ -243,8 +248,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         raise click.UsageError("--export-flagged must not be DIRECTORY itself: the exported copies would "
                                "be screened as new studies")
     for option, path in (("--out", out), ("--state", state_path), ("--log-file", log_file)):
-        if path is not None and not path.parent.is_dir():
-            _fatal(f"{option}: folder {path.parent} does not exist")
+        if path is not None:
+            _check_writable_folder(option, path.parent)
     try:
         info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
     except ModelError as exc:
@@ -263,12 +268,16 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     except LockHeld as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no report written" + (f"; the images scored so far are kept in {state_path}"
+                                                       if state_path else ""), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except ModelError as exc:
         _fatal(str(exc))
     except sqlite3.Error as exc:  # not a database, a disk full on commit, locked past the timeout
         _fatal(f"--state {state_path}: {exc}")
-    except OSError as exc:
-        _fatal(f"cannot write the report: {exc}")
+    except OSError as exc:  # names the file: the report, the state's lock, the log, a full disk
+        _fatal(str(exc))
     if not quiet:
         click.echo(summary.line(), err=True)
     sys.exit(summary.exit_code)
@@ -278,6 +287,17 @@ def _bar(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def _check_writable_folder(option: str, folder: Path) -> None:
+    """Refuse an output folder that cannot take the file before a night's scoring is spent."""
+    if not folder.is_dir():
+        _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
+    try:  # what the atomic write or SQLite will do there; mode bits say nothing of a read-only mount
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        _fatal(f"{option}: cannot write in {folder}: {exc.strerror}")
 
 
 def _fatal(message: str):

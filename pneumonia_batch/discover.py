@@ -50,6 +50,8 @@ class InputFile:
 
     def finish(self, status: str, reason: str = "") -> None:
         self.status, self.reason = status, readable(reason)  # codec messages may quote the path
+        if status != "scored":  # a restored copy skipped as a duplicate, or deferred, has no score
+            self.probability = None
 
     @property
     def why_not_scored(self) -> str:
@@ -181,11 +183,15 @@ def eligibility_skip(header: dicom.DicomHeader, header_filter: bool) -> str | No
     return reason if reason and (header_filter or reason in ("dicomdir", "not_an_image_sop_class")) else None
 
 
+DUPLICATE = "duplicate_instance_of "
+
+
 def group_studies(files: list[InputFile]) -> list[Study]:
     """DICOM by StudyInstanceUID anywhere in the tree; other files by top-level folder.
 
     The same SOPInstanceUID received twice (say a lossless and a lossy copy)
-    is scored once: the lossless copy is kept, the other is skipped.
+    is scored once: the lossless copy is kept, the other is skipped (and
+    scored only if the kept copy fails to decode: ``spare_copies``).
     """
     studies: dict[str, Study] = {}
     kept_instances: dict[str, InputFile] = {}
@@ -209,12 +215,41 @@ def group_studies(files: list[InputFile]) -> list[Study]:
 
 def _keep_one_copy(item: InputFile, kept: dict[str, InputFile]) -> None:
     uid = item.header.sop_instance_uid
-    other = kept.get(uid)
-    if other is None:
-        kept[uid] = item
+    other = kept.setdefault(uid, item)
+    if other is item:
         return
-    if other.header.lossy and not item.header.lossy:
-        other.finish("skipped", f"duplicate_instance_of {item.rel}")
+    if _preference(item) > _preference(other):
         kept[uid] = item
-    else:
-        item.finish("skipped", f"duplicate_instance_of {other.rel}")
+        item, other = other, item
+    item.finish("skipped", DUPLICATE + other.rel)
+
+
+def _preference(item: InputFile) -> tuple[bool, bool]:
+    """Lossless before lossy; then a copy an earlier run scored before one not yet tried, which
+    may be the damaged one."""
+    return not item.header.lossy, item.status == "scored"
+
+
+def duplicate_of(item: InputFile) -> str | None:
+    """The file scored in place of this copy of a DICOM instance, or None."""
+    if item.status == "skipped" and item.reason.startswith(DUPLICATE):
+        return item.reason.removeprefix(DUPLICATE)
+    return None
+
+
+def spare_copies(files: list[InputFile]) -> list[InputFile]:
+    """A kept copy that failed to decode (say, cut short in transfer) must not hide an intact
+    copy of the same instance: one of its duplicates is made pending to be scored instead, and
+    the others now stand behind that one.  The failed copy keeps its error row."""
+    failed = {f.rel for f in files if f.status == "error"}
+    spares: dict[str, InputFile] = {}
+    for item in files:
+        failed_copy = duplicate_of(item)
+        if failed_copy in failed:
+            if failed_copy in spares:
+                item.finish("skipped", DUPLICATE + spares[failed_copy].rel)
+            else:
+                spares[failed_copy] = item
+    for spare in spares.values():
+        spare.finish("pending")
+    return list(spares.values())

@@ -55,11 +55,12 @@ def metrics_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) 
     for k, name in enumerate(CLASS_NAMES):
         predicted = matrix[:, k].sum()
         actual = matrix[k, :].sum()
-        precision = float(matrix[k, k] / predicted) if predicted else 0.0
+        precision = float(matrix[k, k] / predicted) if predicted else None  # nothing called this class
         recall = f1 = None  # a class with no images
         if actual:
             recall = float(matrix[k, k] / actual)
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            # a recall of 0 makes F1 0 whatever the precision, even an undefined one
+            f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
         report[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     total = matrix.sum()
     return {

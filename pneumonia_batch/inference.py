@@ -14,7 +14,10 @@ has a converted file, else ``keras``.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +101,27 @@ class KerasRunner:
             yield items, self._probabilities(x, len(items))
 
 
+# LiteRT prints this on stderr at every load whatever the log level; cron would mail it nightly.
+XNNPACK_NOTICE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextmanager
+def _stderr_without(notice: str):
+    """Hold back one known line that native code writes to file descriptor 2; pass on the rest."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if line.strip() != notice))
+
+
 class TFLiteRunner:
     """TensorFlow Lite with XNNPACK, one image per invoke (fastest on CPU here)."""
 
@@ -108,8 +132,9 @@ class TFLiteRunner:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # the interpreter that ships inside TensorFlow
             from tensorflow.lite.python.interpreter import Interpreter
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
-        self.interpreter.allocate_tensors()
+        with _stderr_without(XNNPACK_NOTICE):
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+            self.interpreter.allocate_tensors()
         self.input_index = self.interpreter.get_input_details()[0]["index"]
         self.output_index = self.interpreter.get_output_details()[0]["index"]
         self.input_scale = input_scale

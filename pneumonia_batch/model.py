@@ -120,7 +120,11 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
                          "--input-scale and --threshold for a model without one)")
     else:
         meta, actual_sha = {}, sha256_of(model_path)
-    scale = input_scale or meta.get("preprocessing", {}).get("input_scale", "raw")
+    stated = meta.get("preprocessing", {}).get("input_scale")
+    if stated and input_scale and input_scale != stated:  # another scale makes every score meaningless
+        raise ModelError(f"{meta_file.name} states the model's input scale, {stated}; --input-scale "
+                         "is for a model without metadata")
+    scale = input_scale or stated or "raw"
     if scale not in INPUT_SCALES:
         raise ModelError(f"unknown input scale {scale!r}; expected one of {INPUT_SCALES}")
     if threshold is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -33,7 +34,12 @@ def default_workers() -> int:
 
 def _end_with_parent(parent_pid: int) -> None:
     """Worker initializer: a decode process ends when the screening process is gone.  After a
-    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever."""
+    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever.
+
+    A Ctrl-C reaches the whole process group; the screening process handles it and shuts the
+    pool down, so workers ignore it rather than each print a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(1)

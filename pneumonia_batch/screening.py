@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import discover
-from .model import ModelInfo
+from .model import ModelError, ModelInfo
 from .pipeline import score
 from .report import RunSummary, study_record, write_report
 
@@ -75,6 +75,12 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             stack.callback(state.close)
         audit = AuditLog(options.log_file, summary.run_id)
         stack.callback(audit.close)
+
+        def note_interrupt(exc_type, exc, traceback):  # a Ctrl-C ends the run without run_end
+            if exc_type is KeyboardInterrupt:
+                audit.event("run_interrupted")
+
+        stack.push(note_interrupt)
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
 
@@ -83,7 +89,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         restored = set()
         for item in files:
             row = known.get(item.rel)
-            if row and item.status == "pending" and state.restore(item, row, options.header_filter):
+            if row and item.status in ("pending", "skipped") and state.restore(item, row, options.header_filter):
                 restored.add(item.rel)
             else:
                 discover.identify(item, header_filter=options.header_filter)
@@ -91,9 +97,6 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         reported = state.reported_keys() if state else set()
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
         _defer_arriving(this_run, options.min_age)
-        for study in this_run:
-            if _changed(study, restored):
-                _rescore_whole(study, restored)
         summary.timings["discover_s"] = round(time.perf_counter() - started, 3)
         work = [f for s in this_run for f in s.files]
         pending = sum(f.status == "pending" for f in work)
@@ -111,20 +114,26 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             batch_clock.append((time.perf_counter(), len(batch)))
             commit(batch)
 
-        def runner():
+        loaded = []
+
+        def runner():  # loaded once, and only when there is something to score
             from .inference import make_runner
 
-            loading = time.perf_counter()
-            instance = make_runner(info, options.runtime, options.batch_size)
-            summary.runtime = instance.name
-            summary.timings["model_load_s"] = round(time.perf_counter() - loading, 3)
-            return instance
+            if not loaded:
+                loading = time.perf_counter()
+                loaded.append(make_runner(info, options.runtime, options.batch_size))
+                summary.runtime = loaded[0].name
+                summary.timings["model_load_s"] = round(time.perf_counter() - loading, 3)
+            return loaded[0]
 
         scoring = time.perf_counter()
         ticker = progress(pending) if progress and pending else None
         try:
-            score(work, runner, options.batch_size, options.workers, on_batch=scored_batch,
-                  on_file=(lambda _: ticker.update(1)) if ticker else None)
+            to_score = work
+            while to_score:
+                score(to_score, runner, options.batch_size, options.workers, on_batch=scored_batch,
+                      on_file=(lambda _: ticker.update(1)) if ticker else None)
+                to_score = discover.spare_copies(work)
         finally:
             if ticker:
                 ticker.close()
@@ -149,7 +158,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
             exporting = time.perf_counter()
             try:
                 summary.counts["exported"] = export_flagged(options.export_dir, this_run, records, info)
-            except (OSError, ValueError) as exc:  # the report matters more: write it regardless
+            except (OSError, ValueError, ModelError) as exc:  # the report matters more: write it regardless
                 summary.export_error = str(exc)
                 audit.event("export_failed", error=str(exc))
             summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)
@@ -182,13 +191,9 @@ def _own_output(path: Path, options: ScreenOptions) -> bool:
 
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:
-    """New or changed files, or results a killed run scored but never reported."""
-    return _changed(study, restored) or study.key not in reported
-
-
-def _changed(study: discover.Study, restored: set[str]) -> bool:
-    """A file of the study is new, changed, or was not restored from the state."""
-    return any(f.rel not in restored for f in study.files)
+    """A file new, changed or not restored from the state, or results a killed run scored but
+    never reported.  Only the files not restored are scored: the others keep their results."""
+    return any(f.rel not in restored for f in study.files) or study.key not in reported
 
 
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
@@ -211,12 +216,4 @@ def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
             for item in study.files:
                 if item.status in ("pending", "scored") or unplaced(item):
                     item.finish("deferred", f"modified less than {min_age:g} s ago")
-                    item.probability = None
 
-
-def _rescore_whole(study: discover.Study, restored: set[str]) -> None:
-    """A study that gained or changed images is scored again as a whole."""
-    for item in study.files:
-        if item.rel in restored and item.status == "scored":
-            item.finish("pending")
-            item.probability = None

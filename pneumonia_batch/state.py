@@ -113,6 +113,8 @@ class State:
         Nor is an outcome the header decided (scored, or skipped for the header's
         own reason) that this run's header filter decides otherwise.
         """
+        if item.status == "skipped":  # a link the walk skipped, as before: nothing new to report
+            return (row["status"], row["reason"]) == ("skipped", item.reason)
         if row["size"] != item.size or row["mtime"] != item.mtime or row["status"] == "error":
             return False
         header = DicomHeader(**json.loads(row["header"])) if row["header"] else None

@@ -241,7 +241,6 @@ class _RunFolder:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.progress = self.root / "progress.json"
 
     def epoch_weights(self, epoch: int) -> Path:
@@ -286,7 +285,6 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     run = _RunFolder(run_folder_path(out, run_dir))
     if resume and not run.progress.is_file():
         log(f"nothing to resume in {run.root}: starting a new run")
@@ -316,6 +314,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     elif from_model is not None:
         model.load_weights(from_model)
         log(f"starting from the weights of {from_model}")
+    # created only now, so a run refused over its data or start weights leaves no empty folders
+    run.root.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     epoch_start = 0
     for index, phase in enumerate(schedule):

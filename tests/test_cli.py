@@ -137,9 +137,52 @@ def test_fatal_and_usage_exit_codes(tmp_path):
     result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--model", model)
     assert result.returncode == 4 and "does not match its metadata" in result.stderr
     assert run(EXAMPLES, "--out", tmp_path / "missing" / "r.csv").returncode == 4
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--input-scale", "imagenet")  # the model states raw
+    assert result.returncode == 4 and "states the model's input scale, raw" in result.stderr
     assert run(EXAMPLES, "--out", tmp_path / "r.xlsx").returncode == 2
     assert run(EXAMPLES, "--out", tmp_path / "r.csv", "--threshold", "2").returncode == 2
     assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nothing can be written in: a read-only mount for root (which ignores mode bits)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, read_only_folder):
+    report = tmp_path / "r.csv"
+    for option, path in (("--out", read_only_folder / "r.csv"), ("--state", read_only_folder / "s.db"),
+                         ("--log-file", read_only_folder / "audit.jsonl")):
+        args = ["--out", path] if option == "--out" else ["--out", report, option, path]
+        result = run(EXAMPLES, *args, "--verbose")
+        assert result.returncode == 4, result.stderr
+        assert f"error: {option}: cannot write in {read_only_folder}" in result.stderr
+        assert "images to score" not in result.stderr  # refused before any file was looked at
+    (tmp_path / "plain-file").write_text("")
+    result = run(EXAMPLES, "--out", tmp_path / "plain-file" / "r.csv")
+    assert result.returncode == 4 and "plain-file is not a folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain-file", "read-only"]
+
+
+def test_quiet_run_writes_nothing_on_stderr(tmp_path):
+    """What cron mails: nothing on a good night, native libraries' notices included."""
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--quiet", "--runtime", "tflite")
+    assert result.returncode == 0 and result.stderr == ""
+    assert len(rows(tmp_path / "r.csv")) == 5  # the example studies
 
 
 def test_help_documents_exit_codes():

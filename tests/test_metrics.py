@@ -68,3 +68,7 @@ def test_one_class_leaves_the_other_classs_figures_undefined():
     assert m["classification_report"]["NORMAL"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
     assert roc_auc(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.6])) is None
     assert metrics_at(np.array([0, 0]), np.array([0.9, 0.2]), 0.5)["sensitivity"] is None
+    none_called_normal = metrics_at(np.array([1, 1]), np.array([0.9, 0.6]), 0.5)["classification_report"]
+    assert none_called_normal["NORMAL"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    missed = metrics_at(np.array([0, 1]), np.array([0.9, 0.8]), 0.5)["classification_report"]["NORMAL"]
+    assert missed == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}

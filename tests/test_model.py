@@ -1,5 +1,6 @@
 """Training, saving, loading and integrity of model files."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -566,6 +567,19 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
     assert result.returncode == 2 and "Missing option '--out'" in result.stderr
 
 
+def test_a_run_refused_over_its_data_leaves_no_folders(tmp_path):
+    """Neither the model's folder nor the default run folder (runs/<name> under the working
+    folder) appears when the data cannot train."""
+    data, workdir = tmp_path / "not-kermany", tmp_path / "cwd"
+    data.mkdir()
+    workdir.mkdir()
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
+                             str(tmp_path / "new" / "m.keras")], capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 1 and "holds neither a train split" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "not-kermany"]
+    assert list(workdir.iterdir()) == []
+
+
 def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
     if not KERMANY.is_dir():
         pytest.skip("training data not available")
@@ -578,6 +592,22 @@ def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "cannot resume" in result.stderr and "epoch-003.weights.h5" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "m.keras").exists()
+
+
+def test_the_shipped_models_training_records_name_their_own_histories():
+    """The shipped model and each model it was fine-tuned from name a history with their epochs."""
+    weights = ROOT / "weights"
+    record = json.loads((weights / "densenet121_pneumonia.json").read_text())["training"]
+    named = []
+    while record:
+        with open(weights / record["history_csv"], newline="") as handle:
+            history = list(csv.DictReader(handle))
+        assert [int(row["epoch"]) for row in history] == list(range(1, record["epochs_run"] + 1))
+        assert (weights / record["curves_png"]).is_file()
+        named.append(record["history_csv"])
+        record = (record.get("started_from") or {}).get("training")
+    assert named == ["densenet121_pneumonia.history.csv", "densenet121_pneumonia.swa1.history.csv",
+                     "densenet121_pneumonia.base.history.csv"]
 
 
 def test_the_shipped_models_recorded_validation_figures_come_out_again(tmp_path):

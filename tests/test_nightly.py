@@ -1,6 +1,7 @@
 """Unattended operation: incremental state, lock, kill -9 recovery, deferral, audit log, export."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ def test_second_run_skips_everything_without_tensorflow(tmp_path, no_tensorflow)
     assert again.returncode == 0
 
 
-def test_new_files_are_scored_and_a_grown_study_is_rescored(tmp_path):
+def test_only_new_files_are_scored_and_a_grown_study_is_reported_again(tmp_path):
     studies = make_studies(tmp_path / "studies", 2)
     state = tmp_path / "state.db"
     run(studies, "--out", tmp_path / "r1.csv", "--state", state)
@@ -79,8 +80,12 @@ def test_new_files_are_scored_and_a_grown_study_is_rescored(tmp_path):
     assert sorted(r["study_id"] for r in rows(tmp_path / "r2.csv")) == ["child001", "child999"]
     after = image_rows(state)
     assert after["child000/cxr.jpeg"] == first["child000/cxr.jpeg"]  # untouched study not re-scored
-    assert after["child001/cxr.jpeg"][0] != first["child001/cxr.jpeg"][0]  # its study grew
-    assert after["child001/cxr.jpeg"][1] == pytest.approx(first["child001/cxr.jpeg"][1], abs=1e-6)
+    assert after["child001/cxr.jpeg"] == first["child001/cxr.jpeg"]  # nor the unchanged image of a grown one
+    assert after["child001/second.jpeg"][0] == after["child999/cxr.jpeg"][0] != first["child000/cxr.jpeg"][0]
+    grown = next(r for r in rows(tmp_path / "r2.csv") if r["study_id"] == "child001")
+    assert grown["n_scored"] == "2"
+    assert float(grown["probability"]) == pytest.approx(max(after["child001/cxr.jpeg"][1],
+                                                            after["child001/second.jpeg"][1]), abs=1e-6)
 
 
 def test_outputs_inside_the_folder_are_not_screened(tmp_path):
@@ -91,6 +96,20 @@ def test_outputs_inside_the_folder_are_not_screened(tmp_path):
     result = run(studies, "--out", studies / "report.csv", *args)
     assert result.returncode == 0, result.stderr
     assert rows(studies / "report.csv") == []  # nothing new: its own files are not studies
+
+
+def test_links_skipped_once_are_not_reported_again(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(NORMAL_JPEG, tmp_path / "elsewhere" / "other.jpeg")
+    (studies / "child000" / "outside.jpeg").symlink_to(tmp_path / "elsewhere" / "other.jpeg")
+    (studies / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert sorted(r["reason"] for r in rows(tmp_path / "r1.csv")) == [
+        "symlink_outside_folder (1)", "symlinked_folder_not_followed (1)"]
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0 and rows(tmp_path / "r2.csv") == []
 
 
 def test_other_threshold_rescores(tmp_path):
@@ -147,6 +166,38 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
     assert sorted(r["study_id"] for r in report) == [f"child{i:03d}" for i in range(24)]
     assert all(r["status"] == "scored" for r in report)
     assert len(image_rows(state)) == 24
+
+
+def test_ctrl_c_mid_run_exits_130_quietly_and_keeps_what_was_scored(tmp_path):
+    studies = make_studies(tmp_path / "studies", 16)
+    state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
+    args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
+            "--state", str(state), "--log-file", str(log), "--batch-size", "2", "--no-progress"]
+    # its own process group, as a terminal's Ctrl-C reaches the command and its decode workers
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < 16):
+        time.sleep(0.05)
+    workers = process_tree(process.pid)[1:]
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [f"interrupted: no report written; the images scored so far "
+                                           f"are kept in {state}"]
+    gone_by = time.time() + 10
+    while time.time() < gone_by and any(alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert workers and not any(alive(pid) for pid in workers), "decode workers outlived the run"
+    assert not (tmp_path / "r1.csv").exists()
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "run_interrupted"
+    kept = image_rows(state)
+    assert 0 < len(kept) < 16, "the run was not caught half-way"
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    assert len(rows(tmp_path / "r2.csv")) == 16
+    after = image_rows(state)
+    assert all(after[rel] == kept[rel] for rel in kept)  # nothing scored twice
 
 
 def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
@@ -345,6 +396,28 @@ def test_a_lossless_copy_arriving_later_replaces_the_scored_lossy_one(tmp_path):
     assert third.returncode == 0 and rows(tmp_path / "r3.csv") == []  # the stored duplicate stands
 
 
+def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
+    studies = tmp_path / "studies"
+    (studies / "study").mkdir(parents=True)
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
+    intact = save(make_dataset(chest_pixels(256), **uids), studies / "study" / "b_intact.dcm")
+    run(studies, "--out", tmp_path / "alone.csv")
+    cut = studies / "study" / "a_cut_short.dcm"  # found first, and as lossless as the intact copy
+    cut.write_bytes(intact.read_bytes()[:5000])
+    state = tmp_path / "state.db"
+    first = run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert first.returncode == 1, first.stderr  # the damaged copy is an error row
+    (study,) = rows(tmp_path / "r1.csv")
+    assert study["status"] == "scored" and study["n_scored"] == "1"
+    assert study["probability"] == rows(tmp_path / "alone.csv")[0]["probability"]
+    assert "error: ValueError: pixel data truncated" in study["reason"]
+    scored = image_rows(state)["study/b_intact.dcm"]
+    second = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert second.returncode == 0, second.stderr  # the copy scored before is kept, not decoded again
+    assert image_rows(state)["study/b_intact.dcm"] == scored
+    assert "duplicate_instance_of study/b_intact.dcm" in rows(tmp_path / "r2.csv")[0]["reason"]
+
+
 def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     os.symlink(studies / "child000" / "cxr.jpeg", studies / "child000" / "again.jpeg")
@@ -363,6 +436,23 @@ def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_repo
     assert "review export failed" in result.stderr.splitlines()[-1]
     assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
     assert folder.read_text() == "not a folder"
+
+
+def test_a_keras_model_the_export_cannot_load_still_leaves_the_report(tmp_path):
+    """Screening runs the TFLite conversion; the heat maps need the Keras file, damaged here."""
+    studies = make_studies(tmp_path / "studies", 1)
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"not a keras archive")
+    shutil.copy(ROOT / "weights" / "densenet121_pneumonia.tflite", tmp_path / "m.tflite")
+    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
+    meta["sha256"] = meta["tflite"]["converted_from_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    meta["tflite"]["file"] = "m.tflite"
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    result = run(studies, "--out", tmp_path / "r.csv", "--model", model, "--threshold", "0",
+                 "--export-flagged", tmp_path / "review")
+    assert result.returncode == 1, result.stderr
+    assert "review export failed: cannot load model" in result.stderr.splitlines()[-1]
+    assert [r["status"] for r in rows(tmp_path / "r.csv")] == ["scored"]
 
 
 def test_flagged_studies_a_failed_export_missed_are_exported_by_the_next_run(tmp_path):

@@ -105,6 +105,17 @@ def test_a_report_replaced_keeps_its_permissions(tmp_path):
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
+def test_a_report_named_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "reports").mkdir()
+    target, link = tmp_path / "reports" / "2026-11-23.csv", tmp_path / "latest.csv"
+    target.write_text("yesterday")
+    link.symlink_to(target)
+    report.write_report(link, "csv", [], report.RunSummary(run_id="r1"))
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text().startswith("study_id,")
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["2026-11-23.csv"]
+
+
 def _umask() -> int:
     import os
 
