@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sqlite3
 import sys
 import tempfile
@@ -19,6 +21,22 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 def to_stderr(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _interruptible(command):
+    """A Ctrl-C anywhere in a screening run gives one line and exit 130, not Click's "Aborted!"
+    with exit 1, which a monitor would read as unreadable files."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            state = kwargs.get("state_path")
+            click.echo("interrupted: no report written"
+                       + (f"; the images scored so far are kept in {state}" if state else ""), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return run
 
 
 SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
@@ -230,6 +248,7 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no summary line.")
 @click.version_option(__version__, prog_name="pneumonia-screen")
+@_interruptible
 def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
            header_filter, state_path, include_previous, min_age, log_file, export_dir, progress,
            verbose, quiet):
@@ -249,7 +268,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
                                "be screened as new studies")
     for option, path in (("--out", out), ("--state", state_path), ("--log-file", log_file)):
         if path is not None:
-            _check_writable_folder(option, path.parent)
+            _check_writable(option, path)
     try:
         info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
     except ModelError as exc:
@@ -257,7 +276,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     say = to_stderr if verbose and not quiet else (lambda m: None)
     say(f"model {info.path.name} sha256 {info.sha256[:12]}, "
         f"threshold {info.threshold:g} ({info.threshold_source})")
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    show_bar = bool(sys.stderr and sys.stderr.isatty()) if progress is None else progress
     options = ScreenOptions(directory=directory, out=out, fmt=fmt, model=info, batch_size=batch_size,
                             workers=workers or default_workers(), runtime=runtime,
                             header_filter=header_filter, state=state_path,
@@ -268,10 +287,6 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     except LockHeld as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
-    except KeyboardInterrupt:
-        click.echo("interrupted: no report written" + (f"; the images scored so far are kept in {state_path}"
-                                                       if state_path else ""), err=True)
-        sys.exit(EXIT_INTERRUPTED)
     except ModelError as exc:
         _fatal(str(exc))
     except sqlite3.Error as exc:  # not a database, a disk full on commit, locked past the timeout
@@ -289,8 +304,17 @@ def _bar(total: int):
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
-def _check_writable_folder(option: str, folder: Path) -> None:
-    """Refuse an output folder that cannot take the file before a night's scoring is spent."""
+def _check_writable(option: str, path: Path) -> None:
+    """Refuse an output that cannot be written before a night's scoring is spent on it."""
+    real = Path(os.path.realpath(path))  # a symlink is written through to its target
+    if option == "--log-file" and real.is_file():  # only appended to: its folder may be closed
+        try:
+            with open(real, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            _fatal(f"{option}: cannot append to {path}: {exc.strerror}")
+        return
+    folder = real.parent
     if not folder.is_dir():
         _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
     try:  # what the atomic write or SQLite will do there; mode bits say nothing of a read-only mount

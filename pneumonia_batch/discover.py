@@ -239,17 +239,19 @@ def duplicate_of(item: InputFile) -> str | None:
 
 def spare_copies(files: list[InputFile]) -> list[InputFile]:
     """A kept copy that failed to decode (say, cut short in transfer) must not hide an intact
-    copy of the same instance: one of its duplicates is made pending to be scored instead, and
-    the others now stand behind that one.  The failed copy keeps its error row."""
+    copy of the same instance: the best of its duplicates is made pending to be scored instead,
+    and the others now stand behind that one.  The failed copy keeps its error row."""
     failed = {f.rel for f in files if f.status == "error"}
-    spares: dict[str, InputFile] = {}
+    candidates: dict[str, list[InputFile]] = {}
     for item in files:
-        failed_copy = duplicate_of(item)
-        if failed_copy in failed:
-            if failed_copy in spares:
-                item.finish("skipped", DUPLICATE + spares[failed_copy].rel)
-            else:
-                spares[failed_copy] = item
-    for spare in spares.values():
+        if duplicate_of(item) in failed:
+            candidates.setdefault(duplicate_of(item), []).append(item)
+    spares = []
+    for copies in candidates.values():
+        spare = max(copies, key=_preference)  # the first of the best, in path order
+        for other in copies:
+            if other is not spare:
+                other.finish("skipped", DUPLICATE + spare.rel)
         spare.finish("pending")
-    return list(spares.values())
+        spares.append(spare)
+    return spares

@@ -108,8 +108,13 @@ XNNPACK_NOTICE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 @contextmanager
 def _stderr_without(notice: str):
     """Hold back one known line that native code writes to file descriptor 2; pass on the rest."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # the caller closed stderr: nothing to hold back
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
@@ -118,8 +123,10 @@ def _stderr_without(notice: str):
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if line.strip() != notice))
+            rest = [line for line in captured.read().splitlines(keepends=True)
+                    if line.strip() != notice.encode()]
+            if rest:
+                os.write(2, b"".join(rest))
 
 
 class TFLiteRunner:

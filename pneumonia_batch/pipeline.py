@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -34,18 +35,28 @@ def default_workers() -> int:
 
 def _end_with_parent(parent_pid: int) -> None:
     """Worker initializer: a decode process ends when the screening process is gone.  After a
-    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever.
-
-    A Ctrl-C reaches the whole process group; the screening process handles it and shuts the
-    pool down, so workers ignore it rather than each print a traceback.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever."""
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(1)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+@contextmanager
+def _sigint_blocked():
+    """Start decode processes with SIGINT blocked: the mask survives the spawn.
+
+    A Ctrl-C reaches the whole process group.  The screening process handles it and shuts the
+    pool down; a decode process, even one still starting up, must not print a traceback of its
+    own.  A mask, not a handler, because pools are also made from tf.data's thread.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
@@ -73,15 +84,20 @@ def decoded(files: list[InputFile], workers: int,
     window = max(4, workers * 8)
 
     def new_pool():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                   initializer=_end_with_parent, initargs=(os.getpid(),))
+        with _sigint_blocked():
+            return ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                       initializer=_end_with_parent, initargs=(os.getpid(),))
+
+    def submitted(pool, item):
+        with _sigint_blocked():  # a submit may start a worker
+            return pool.submit(decode, str(item.path), item.kind)
 
     pool = new_pool()
     queue: deque = deque()
     todo = iter(files)
 
     def submit(item):
-        queue.append((item, pool.submit(decode, str(item.path), item.kind)))
+        queue.append((item, submitted(pool, item)))
 
     try:
         for item in todo:
@@ -96,7 +112,7 @@ def decoded(files: list[InputFile], workers: int,
                 pool.shutdown(cancel_futures=True)
                 pool = new_pool()
                 try:
-                    array, note, error = pool.submit(decode, str(item.path), item.kind).result()
+                    array, note, error = submitted(pool, item).result()
                 except BrokenProcessPool:
                     array, note, error = None, "", "decoder process crashed on this file"
                     pool.shutdown(cancel_futures=True)

@@ -84,15 +84,20 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
 
-        files = [f for f in discover.walk(options.directory) if not _own_output(f.path, options)]
+        is_own = _own_outputs(options)
+        files = [f for f in discover.walk(options.directory) if not is_own(f.path)]
         known = state.known_images(info.sha256, info.threshold) if state else {}
         restored = set()
+        present = {f.rel for f in files}
         for item in files:
             row = known.get(item.rel)
             if row and item.status in ("pending", "skipped") and state.restore(item, row, options.header_filter):
-                restored.add(item.rel)
-            else:
-                discover.identify(item, header_filter=options.header_filter)
+                kept_copy = discover.duplicate_of(item)
+                if kept_copy is None or kept_copy in present:
+                    restored.add(item.rel)
+                    continue
+                item.finish("pending")  # the copy scored in its place is gone: decide afresh
+            discover.identify(item, header_filter=options.header_filter)
         studies = discover.group_studies(files)
         reported = state.reported_keys() if state else set()
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
@@ -174,20 +179,24 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
     return summary
 
 
-def _own_output(path: Path, options: ScreenOptions) -> bool:
-    """The report, state, lock, log or export of this tool, when the user put them inside DIR."""
-    # Absolute, not resolved: resolving would raise on the symlink loops an archive may hold.
-    absolute = Path(os.path.abspath(path))
-    outputs = [options.out, options.log_file]
+def _own_outputs(options: ScreenOptions) -> Callable[[Path], bool]:
+    """A test for the report, state, lock, log or export of this tool, when the user put them inside DIR."""
+    named = [options.out, options.log_file]
     if options.state:
-        outputs += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
-    if any(p is not None and absolute == Path(os.path.abspath(p)) for p in outputs):
-        return True
-    if not options.export_dir:
-        return False
-    export = os.path.abspath(options.export_dir)
+        named += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
+    # resolved too: an output named through a symlink is written to the link's target
+    outputs = {Path(where(p)) for p in named if p is not None for where in (os.path.abspath, os.path.realpath)}
+    export = os.path.abspath(options.export_dir) if options.export_dir else None
     # An export folder that holds DIR (an export to "." say) writes beside DIR, not in it.
-    return absolute.is_relative_to(export) and not Path(os.path.abspath(options.directory)).is_relative_to(export)
+    if export and Path(os.path.abspath(options.directory)).is_relative_to(export):
+        export = None
+
+    def is_own(path: Path) -> bool:
+        # Absolute, not resolved: resolving would raise on the symlink loops an archive may hold.
+        absolute = Path(os.path.abspath(path))
+        return absolute in outputs or bool(export and absolute.is_relative_to(export))
+
+    return is_own
 
 
 def _needs_reporting(study: discover.Study, restored: set[str], reported: set[str]) -> bool:

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,7 +176,55 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, re
     (tmp_path / "plain-file").write_text("")
     result = run(EXAMPLES, "--out", tmp_path / "plain-file" / "r.csv")
     assert result.returncode == 4 and "plain-file is not a folder" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain-file", "read-only"]
+    (tmp_path / "latest.csv").symlink_to(tmp_path / "unmounted-share" / "latest.csv")
+    result = run(EXAMPLES, "--out", tmp_path / "latest.csv", "--verbose")  # the link's folder is fine
+    assert result.returncode == 4 and "unmounted-share does not exist" in result.stderr
+    assert "images to score" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.csv", "plain-file", "read-only"]
+
+
+def test_an_existing_log_in_a_closed_folder_is_appended_to(tmp_path):
+    """A log file the service may write, in a folder it may not (say /var/log)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "audit.jsonl"
+    log.write_text("")
+    log.chmod(0o666)
+    logs.chmod(0o555)
+    command = [sys.executable, str(ROOT / "screen.py"), str(EXAMPLES), "--out", str(tmp_path / "r.csv"),
+               "--log-file", str(log), "--no-progress"]
+    if os.geteuid() == 0:  # root writes anywhere: the run drops that power
+        if not shutil.which("capsh"):
+            pytest.skip("capsh is needed to run without root's permission override")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    finally:
+        logs.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "run_end"
+    assert sorted(p.name for p in logs.iterdir()) == ["audit.jsonl"]
+
+
+def test_a_closed_stderr_does_not_stop_screening(tmp_path):
+    """A cron line ending in 2>&- : no progress bar, no message, but the report all the same."""
+    command = [sys.executable, str(ROOT / "screen.py"), str(EXAMPLES), "--out", str(tmp_path / "r.csv"), "-q"]
+    result = subprocess.run(["sh", "-c", shlex.join(command) + " 2>&-"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0 and len(rows(tmp_path / "r.csv")) == 5
+
+
+def test_ctrl_c_while_the_model_loads_exits_130(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pneumonia_batch import cli, model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "read_model_info", interrupted)
+    result = CliRunner().invoke(cli.screen, [str(EXAMPLES), "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 130 and result.output == "interrupted: no report written\n"
 
 
 def test_quiet_run_writes_nothing_on_stderr(tmp_path):

@@ -112,6 +112,18 @@ def test_links_skipped_once_are_not_reported_again(tmp_path):
     assert result.returncode == 0 and rows(tmp_path / "r2.csv") == []
 
 
+def test_a_report_linked_into_the_folder_is_not_screened(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "latest.csv"
+    link.symlink_to(studies / "latest.csv")
+    for night in (1, 2):
+        result = run(studies, "--out", link)
+        assert result.returncode == 0, result.stderr
+        assert [r["study_id"] for r in rows(link)] == ["child000"]
+    assert link.is_symlink()
+
+
 def test_other_threshold_rescores(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     state = tmp_path / "state.db"
@@ -198,6 +210,30 @@ def test_ctrl_c_mid_run_exits_130_quietly_and_keeps_what_was_scored(tmp_path):
     assert len(rows(tmp_path / "r2.csv")) == 16
     after = image_rows(state)
     assert all(after[rel] == kept[rel] for rel in kept)  # nothing scored twice
+
+
+def test_ctrl_c_while_the_decode_workers_start_is_one_line_too(tmp_path):
+    studies = make_studies(tmp_path / "studies", 4)
+    args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r.csv"),
+            "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, start_new_session=True)
+    def decode_worker_started():
+        for pid in process_tree(process.pid)[1:]:
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not decode_worker_started() and process.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.1)  # the worker is still importing its modules
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and stderr.strip().splitlines() == ["interrupted: no report written"]
 
 
 def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
@@ -402,20 +438,44 @@ def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
     uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
     intact = save(make_dataset(chest_pixels(256), **uids), studies / "study" / "b_intact.dcm")
     run(studies, "--out", tmp_path / "alone.csv")
-    cut = studies / "study" / "a_cut_short.dcm"  # found first, and as lossless as the intact copy
+    cut = studies / "study" / "a_cut_short.dcm"  # found before the intact copy, and as lossless
     cut.write_bytes(intact.read_bytes()[:5000])
+    flipped = chest_pixels(256)[::-1]  # a lossy copy found first of all, telling its score apart
+    save(make_dataset(flipped, LossyImageCompression="01", **uids), studies / "study" / "0_lossy.dcm")
     state = tmp_path / "state.db"
     first = run(studies, "--out", tmp_path / "r1.csv", "--state", state)
     assert first.returncode == 1, first.stderr  # the damaged copy is an error row
     (study,) = rows(tmp_path / "r1.csv")
     assert study["status"] == "scored" and study["n_scored"] == "1"
-    assert study["probability"] == rows(tmp_path / "alone.csv")[0]["probability"]
+    assert study["probability"] == rows(tmp_path / "alone.csv")[0]["probability"]  # the intact copy's
     assert "error: ValueError: pixel data truncated" in study["reason"]
+    assert "duplicate_instance_of study/b_intact.dcm (1)" in study["reason"]  # the lossy copy
     scored = image_rows(state)["study/b_intact.dcm"]
     second = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
     assert second.returncode == 0, second.stderr  # the copy scored before is kept, not decoded again
     assert image_rows(state)["study/b_intact.dcm"] == scored
     assert "duplicate_instance_of study/b_intact.dcm" in rows(tmp_path / "r2.csv")[0]["reason"]
+
+
+def test_a_stored_duplicate_whose_scored_copy_is_gone_is_scored(tmp_path):
+    studies = tmp_path / "studies"
+    (studies / "study").mkdir(parents=True)
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
+    save(make_dataset(chest_pixels(256), **uids), studies / "study" / "a_lossless.dcm")
+    save(make_dataset(chest_pixels(256)[::-1], LossyImageCompression="01", **uids),
+         studies / "study" / "b_lossy.dcm")
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    assert image_rows(state)["study/b_lossy.dcm"][1] is None  # skipped as the duplicate
+    (studies / "study" / "a_lossless.dcm").unlink()
+    save(make_dataset(chest_pixels(256)[:, ::-1], study_uid=uids["study_uid"]), studies / "study" / "c_new.dcm")
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    (study,) = rows(tmp_path / "r2.csv")
+    assert study["n_scored"] == "2" and study["reason"] == ""
+    after = image_rows(state)
+    assert float(study["probability"]) == pytest.approx(max(after["study/b_lossy.dcm"][1],
+                                                            after["study/c_new.dcm"][1]), abs=1e-6)
 
 
 def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
