@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -16,7 +17,6 @@ from .inference import RUNTIMES
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def to_stderr(message: str) -> None:
@@ -24,17 +24,29 @@ def to_stderr(message: str) -> None:
 
 
 def _interruptible(command):
-    """A Ctrl-C anywhere in a screening run gives one line and exit 130, not Click's "Aborted!"
-    with exit 1, which a monitor would read as unreadable files."""
+    """A Ctrl-C (SIGINT) or a stop (SIGTERM: systemd, ``timeout``, ``kill``) anywhere in a
+    screening run ends it cleanly: one line, exit 128 + the signal's number, the state kept and
+    the audit log closed with run_interrupted.  Not Click's "Aborted!" with exit 1, which a
+    monitor would read as unreadable files, nor SIGTERM's silent death."""
     @functools.wraps(command)
     def run(*args, **kwargs):
+        received = []
+
+        def stop(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT
             state = kwargs.get("state_path")
-            click.echo("interrupted: no report written"
+            click.echo(("terminated" if signum == signal.SIGTERM else "interrupted") + ": no report written"
                        + (f"; the images scored so far are kept in {state}" if state else ""), err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(128 + signum)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return run
 
@@ -65,7 +77,8 @@ Exit codes:
   2  usage error
   3  another run holds the lock on the state database
   4  fatal: model missing or invalid, output not writable, state database damaged
-  130  interrupted (Ctrl-C): no report; with --state, what was scored is kept
+  130  interrupted (Ctrl-C), 143 stopped (SIGTERM): no report; with --state,
+       what was scored is kept
 """
 
 

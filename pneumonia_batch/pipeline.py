@@ -45,14 +45,15 @@ def _end_with_parent(parent_pid: int) -> None:
 
 
 @contextmanager
-def _sigint_blocked():
-    """Start decode processes with SIGINT blocked: the mask survives the spawn.
+def _stop_signals_blocked():
+    """Start decode processes with SIGINT and SIGTERM blocked: the mask survives the spawn.
 
-    A Ctrl-C reaches the whole process group.  The screening process handles it and shuts the
-    pool down; a decode process, even one still starting up, must not print a traceback of its
-    own.  A mask, not a handler, because pools are also made from tf.data's thread.
+    A Ctrl-C reaches the whole process group, and a service manager's stop the whole service.
+    The screening process handles them and shuts the pool down; a decode process, even one
+    still starting up, must not print a traceback of its own, nor die and pass for a crashed
+    decoder.  A mask, not a handler, because pools are also made from tf.data's thread.
     """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -84,12 +85,12 @@ def decoded(files: list[InputFile], workers: int,
     window = max(4, workers * 8)
 
     def new_pool():
-        with _sigint_blocked():
+        with _stop_signals_blocked():
             return ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                        initializer=_end_with_parent, initargs=(os.getpid(),))
 
     def submitted(pool, item):
-        with _sigint_blocked():  # a submit may start a worker
+        with _stop_signals_blocked():  # a submit may start a worker
             return pool.submit(decode, str(item.path), item.kind)
 
     pool = new_pool()

@@ -180,7 +180,9 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
     assert len(image_rows(state)) == 24
 
 
-def test_ctrl_c_mid_run_exits_130_quietly_and_keeps_what_was_scored(tmp_path):
+@pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+                                              (signal.SIGTERM, 143, "terminated")])  # systemd's stop
+def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, code, word, tmp_path):
     studies = make_studies(tmp_path / "studies", 16)
     state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
@@ -192,10 +194,10 @@ def test_ctrl_c_mid_run_exits_130_quietly_and_keeps_what_was_scored(tmp_path):
     while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < 16):
         time.sleep(0.05)
     workers = process_tree(process.pid)[1:]
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, stop)
     stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines() == [f"interrupted: no report written; the images scored so far "
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"{word}: no report written; the images scored so far "
                                            f"are kept in {state}"]
     gone_by = time.time() + 10
     while time.time() < gone_by and any(alive(pid) for pid in workers):
