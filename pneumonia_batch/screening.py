@@ -86,18 +86,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
 
         is_own = _own_outputs(options)
         files = [f for f in discover.walk(options.directory) if not is_own(f.path)]
-        known = state.known_images(info.sha256, info.threshold) if state else {}
-        restored = set()
-        present = {f.rel for f in files}
-        for item in files:
-            row = known.get(item.rel)
-            if row and item.status in ("pending", "skipped") and state.restore(item, row, options.header_filter):
-                kept_copy = discover.duplicate_of(item)
-                if kept_copy is None or kept_copy in present:
-                    restored.add(item.rel)
-                    continue
-                item.finish("pending")  # the copy scored in its place is gone: decide afresh
-            discover.identify(item, header_filter=options.header_filter)
+        restored = _restore_or_identify(files, state, info, options.header_filter)
         studies = discover.group_studies(files)
         reported = state.reported_keys() if state else set()
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
@@ -177,6 +166,24 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
                     exit_code=summary.exit_code)
     return summary
+
+
+def _restore_or_identify(files: list[discover.InputFile], state, info: ModelInfo,
+                         header_filter: bool) -> set[str]:
+    """Take the state's outcome for each unchanged file, identify the others; the restored paths."""
+    known = state.known_images(info.sha256, info.threshold) if state else {}
+    present = {f.rel for f in files}
+    restored = set()
+    for item in files:
+        row = known.get(item.rel)
+        if row and item.status in ("pending", "skipped") and state.restore(item, row, header_filter):
+            kept_copy = discover.duplicate_of(item)
+            if kept_copy is None or kept_copy in present:
+                restored.add(item.rel)
+                continue
+            item.finish("pending")  # the copy scored in its place is gone: decide afresh
+        discover.identify(item, header_filter=header_filter)
+    return restored
 
 
 def _own_outputs(options: ScreenOptions) -> Callable[[Path], bool]:
