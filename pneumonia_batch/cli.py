@@ -270,6 +270,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     from .screening import ScreenOptions, screen as run_screen
     from .state import LockHeld
 
+    _standard_streams_open()
     fmt = fmt or {".csv": "csv", ".json": "json"}.get(out.suffix.lower())
     if fmt is None:
         raise click.BadParameter("cannot tell the format from the extension; use .csv, .json or --format",
@@ -319,22 +320,36 @@ def _bar(total: int):
 
 def _check_writable(option: str, path: Path) -> None:
     """Refuse an output that cannot be written before a night's scoring is spent on it."""
-    real = Path(os.path.realpath(path))  # a symlink is written through to its target
-    if option == "--log-file" and real.is_file():  # only appended to: its folder may be closed
+    if option == "--log-file" and path.exists() and not path.is_dir():
+        # Only appended to, so its folder may be closed to us; a device (/dev/stdout) or FIFO too,
+        # but a FIFO nobody reads would block the run, lock held, until the next night's.
         try:
-            with open(real, "a", encoding="utf-8"):
-                pass
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
         except OSError as exc:
             _fatal(f"{option}: cannot append to {path}: {exc.strerror}")
         return
-    folder = real.parent
-    if not folder.is_dir():
-        _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
-    try:  # what the atomic write or SQLite will do there; mode bits say nothing of a read-only mount
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        _fatal(f"{option}: cannot write in {folder}: {exc.strerror}")
+    real = Path(os.path.realpath(path))  # a symlink is written through to its target
+    # the state's lock file goes beside the name given, its database and journals beside the target
+    folders = {real.parent, path.absolute().parent} if option == "--state" else {real.parent}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
+        try:  # what the atomic write or SQLite will do there; mode bits say nothing of a read-only mount
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            _fatal(f"{option}: cannot write in {folder}: {exc.strerror}")
+
+
+def _standard_streams_open() -> None:
+    """Give a closed stdin, stdout or stderr (cron's ``2>&-``) /dev/null, before any file is
+    opened: else the audit log or the state's lock would take descriptor 2, and every warning a
+    library or a decode process prints would land in it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
 
 
 def _fatal(message: str):

@@ -66,7 +66,11 @@ def exported_name(item) -> str:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where possible, else a copy; a symlink's content, never the link itself."""
+    """A hard link where possible, else a copy; a symlink's content, never the link itself.
+
+    A copy is made under a temporary name, then renamed: a run stopped half-way through it
+    leaves no truncated file that later runs would take for the export.
+    """
     if target.exists():
         return
     if not source.is_symlink():
@@ -75,7 +79,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
             return
         except OSError:
             pass
-    shutil.copy2(source, target)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copy2(source, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo) -> int:

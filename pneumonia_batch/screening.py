@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
+import threading
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -88,6 +90,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         files = [f for f in discover.walk(options.directory) if not is_own(f.path)]
         restored = _restore_or_identify(files, state, info, options.header_filter)
         studies = discover.group_studies(files)
+        restored -= {f.rel for f in files if f.status == "pending"}  # a stored duplicate now to be scored
         reported = state.reported_keys() if state else set()
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
         _defer_arriving(this_run, options.min_age)
@@ -157,51 +160,80 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
                 audit.event("export_failed", error=str(exc))
             summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)
         summary.timings["total_s"] = round(time.perf_counter() - started, 3)
-        write_report(options.out, options.fmt, report_records, summary)
-        if state:
-            state.save_studies(records, info.sha256, info.threshold)
-            if summary.export_error:  # so the next run reports and exports the flagged studies again
-                state.forget_studies([r["study_key"] for r in records if r["flagged"]])
-            state.record_run(summary.run_id, summary.counts)
-        audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
-                    exit_code=summary.exit_code)
+        with _stop_signals_held():
+            write_report(options.out, options.fmt, report_records, summary)
+            if state:
+                # a failed export's flagged studies stay unreported, so the next run exports them
+                unexported = [r["study_key"] for r in records if r["flagged"]] if summary.export_error else []
+                state.save_studies(records, info.sha256, info.threshold, unreported=unexported)
+                state.record_run(summary.run_id, summary.counts)
+            audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
+                        exit_code=summary.exit_code)
     return summary
+
+
+@contextmanager
+def _stop_signals_held():
+    """The report, the state's record of it and run_end are written together: a Ctrl-C or a stop
+    arriving now lets them finish (the run is as good as done) rather than leave a report the
+    state does not know of, reported again by the next run."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    for signum in held:
+        signal.signal(signum, lambda *args: None)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _restore_or_identify(files: list[discover.InputFile], state, info: ModelInfo,
                          header_filter: bool) -> set[str]:
     """Take the state's outcome for each unchanged file, identify the others; the restored paths."""
     known = state.known_images(info.sha256, info.threshold) if state else {}
-    present = {f.rel for f in files}
     restored = set()
     for item in files:
         row = known.get(item.rel)
         if row and item.status in ("pending", "skipped") and state.restore(item, row, header_filter):
-            kept_copy = discover.duplicate_of(item)
-            if kept_copy is None or kept_copy in present:
-                restored.add(item.rel)
-                continue
-            item.finish("pending")  # the copy scored in its place is gone: decide afresh
-        discover.identify(item, header_filter=header_filter)
+            restored.add(item.rel)
+            if discover.duplicate_of(item):  # decided again from its stored header when grouped:
+                item.finish("pending")       # the copy scored in its place may be gone or replaced
+        else:
+            discover.identify(item, header_filter=header_filter)
     return restored
 
 
 def _own_outputs(options: ScreenOptions) -> Callable[[Path], bool]:
-    """A test for the report, state, lock, log or export of this tool, when the user put them inside DIR."""
+    """A test for the report, state, lock, log or export of this tool, when the user put them inside DIR.
+
+    Outputs and DIR may each be named through symlinks: both sides are compared as named and
+    resolved (SQLite writes its -wal and -shm files beside the resolved database).
+    """
+    def both(path) -> set[Path]:
+        return {Path(os.path.abspath(path)), Path(os.path.realpath(path))}
+
     named = [options.out, options.log_file]
     if options.state:
-        named += [Path(f"{options.state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
-    # resolved too: an output named through a symlink is written to the link's target
-    outputs = {Path(where(p)) for p in named if p is not None for where in (os.path.abspath, os.path.realpath)}
-    export = os.path.abspath(options.export_dir) if options.export_dir else None
+        for state in both(options.state):
+            named += [Path(f"{state}{suffix}") for suffix in ("", ".lock", "-wal", "-shm", "-journal")]
+    outputs = set().union(*(both(p) for p in named if p is not None))
+    root, real_root = Path(os.path.abspath(options.directory)), Path(os.path.realpath(options.directory))
     # An export folder that holds DIR (an export to "." say) writes beside DIR, not in it.
-    if export and Path(os.path.abspath(options.directory)).is_relative_to(export):
-        export = None
+    exports = [e for e in (both(options.export_dir) if options.export_dir else ())
+               if not root.is_relative_to(e) and not real_root.is_relative_to(e)]
 
     def is_own(path: Path) -> bool:
-        # Absolute, not resolved: resolving would raise on the symlink loops an archive may hold.
+        # Walked paths are not resolved, which would raise on the loops an archive may hold;
+        # only DIR itself is, once.
         absolute = Path(os.path.abspath(path))
-        return absolute in outputs or bool(export and absolute.is_relative_to(export))
+        for where in (absolute, real_root / absolute.relative_to(root)):
+            if where in outputs or any(where.is_relative_to(e) for e in exports):
+                return True
+        return False
 
     return is_own
 

@@ -140,19 +140,18 @@ class State:
             self.db.executemany("INSERT OR REPLACE INTO images VALUES "
                                 "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
-    def save_studies(self, records: list[dict], model_sha256: str, threshold: float) -> None:
+    def save_studies(self, records: list[dict], model_sha256: str, threshold: float,
+                     unreported: list[str] = ()) -> None:
+        """Record the reported studies, in one transaction with the ``unreported`` ones counted as
+        never reported, so the next run reports (and exports) them."""
         stamp = now()
         with self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO studies VALUES (?,?,?,?,?,?,?,?)",
                 [(self.root, r["study_key"], json.dumps(r), int(r["flagged"]), model_sha256, threshold,
                   r["run_id"], stamp) for r in records if r["status"] != "deferred"])
-
-    def forget_studies(self, keys: list[str]) -> None:
-        """Count these studies as never reported, so the next run reports (and exports) them."""
-        with self.db:
             self.db.executemany("DELETE FROM studies WHERE root = ? AND study_key = ?",
-                                [(self.root, key) for key in keys])
+                                [(self.root, key) for key in unreported])
 
     def reported_keys(self) -> set[str]:
         """Studies that a completed run has put in a report."""

@@ -204,6 +204,11 @@ def test_an_existing_log_in_a_closed_folder_is_appended_to(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "run_end"
     assert sorted(p.name for p in logs.iterdir()) == ["audit.jsonl"]
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--log-file", "/dev/stdout", "--quiet")
+    assert result.returncode == 0 and json.loads(result.stdout.splitlines()[-1])["event"] == "run_end"
+    os.mkfifo(tmp_path / "nobody-reads")
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--log-file", tmp_path / "nobody-reads", timeout=60)
+    assert result.returncode == 4 and "--log-file: cannot append to" in result.stderr
 
 
 def test_a_closed_stderr_does_not_stop_screening(tmp_path):
@@ -212,6 +217,11 @@ def test_a_closed_stderr_does_not_stop_screening(tmp_path):
     result = subprocess.run(["sh", "-c", shlex.join(command) + " 2>&-"], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0 and len(rows(tmp_path / "r.csv")) == 5
+    # and descriptor 2 goes to /dev/null, not to the next file opened (the audit log, the lock)
+    probe = ("import os; os.close(2); from pneumonia_batch.cli import _standard_streams_open; "
+             "_standard_streams_open(); print(os.readlink('/proc/self/fd/2'))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip() == os.devnull
 
 
 def test_ctrl_c_while_the_model_loads_exits_130(tmp_path, monkeypatch):

@@ -112,16 +112,28 @@ def test_links_skipped_once_are_not_reported_again(tmp_path):
     assert result.returncode == 0 and rows(tmp_path / "r2.csv") == []
 
 
-def test_a_report_linked_into_the_folder_is_not_screened(tmp_path):
+@pytest.mark.parametrize("linked", ["report", "export", "state", "folder"])
+def test_outputs_reached_through_symlinks_are_not_screened(linked, tmp_path):
+    """An output named through a link into DIR, or DIR named through a link with the outputs
+    named inside its target: either way they are this tool's files, not studies."""
     studies = make_studies(tmp_path / "studies", 1)
-    (tmp_path / "out").mkdir()
-    link = tmp_path / "out" / "latest.csv"
-    link.symlink_to(studies / "latest.csv")
+    (tmp_path / "links").mkdir()
+    outputs = {"report": studies / "latest.csv", "export": studies / "review", "state": studies / "state.db"}
+    directory = studies
+    if linked == "folder":
+        directory = tmp_path / "links" / "studies"
+        directory.symlink_to(studies, target_is_directory=True)
+    else:
+        if linked == "export":
+            outputs["export"].mkdir()
+        link = tmp_path / "links" / outputs[linked].name
+        link.symlink_to(outputs[linked])
+        outputs[linked] = link
+    args = ["--out", outputs["report"], "--export-flagged", outputs["export"], "--threshold", "0"]
     for night in (1, 2):
-        result = run(studies, "--out", link)
+        result = run(directory, *args, "--state", outputs["state"] if linked == "state" else tmp_path / "s.db")
         assert result.returncode == 0, result.stderr
-        assert [r["study_id"] for r in rows(link)] == ["child000"]
-    assert link.is_symlink()
+        assert [r["study_id"] for r in rows(outputs["report"])] == (["child000"] if night == 1 else [])
 
 
 def test_other_threshold_rescores(tmp_path):
@@ -236,6 +248,25 @@ def test_ctrl_c_while_the_decode_workers_start_is_one_line_too(tmp_path):
     os.killpg(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130 and stderr.strip().splitlines() == ["interrupted: no report written"]
+
+
+def test_a_stop_while_the_report_and_state_are_written_lets_them_finish():
+    """Else the report would be written and the state not know of it: the next run would report
+    those studies again, and the exit code would say no report was written."""
+    probe = """
+import os, signal, time
+from pneumonia_batch.screening import _stop_signals_held
+handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+with _stop_signals_held():
+    os.kill(os.getpid(), signal.SIGINT)  # a KeyboardInterrupt, outside
+    os.kill(os.getpid(), signal.SIGTERM)  # the end of this process, outside
+    time.sleep(0.1)
+    print("report and state written")
+print((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["report and state written", "True"]
 
 
 def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
@@ -459,7 +490,8 @@ def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
     assert "duplicate_instance_of study/b_intact.dcm" in rows(tmp_path / "r2.csv")[0]["reason"]
 
 
-def test_a_stored_duplicate_whose_scored_copy_is_gone_is_scored(tmp_path):
+@pytest.mark.parametrize("night_2", ["deleted", "overwritten_by_another_instance"])
+def test_a_stored_duplicate_whose_scored_copy_is_gone_is_scored(night_2, tmp_path):
     studies = tmp_path / "studies"
     (studies / "study").mkdir(parents=True)
     uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
@@ -469,15 +501,20 @@ def test_a_stored_duplicate_whose_scored_copy_is_gone_is_scored(tmp_path):
     state = tmp_path / "state.db"
     run(studies, "--out", tmp_path / "r1.csv", "--state", state)
     assert image_rows(state)["study/b_lossy.dcm"][1] is None  # skipped as the duplicate
-    (studies / "study" / "a_lossless.dcm").unlink()
-    save(make_dataset(chest_pixels(256)[:, ::-1], study_uid=uids["study_uid"]), studies / "study" / "c_new.dcm")
+    new_view = make_dataset(chest_pixels(256)[:, ::-1], study_uid=uids["study_uid"])  # another instance
+    if night_2 == "deleted":
+        (studies / "study" / "a_lossless.dcm").unlink()
+        new_name = "c_new.dcm"
+    else:  # a re-send that reuses file names
+        new_name = "a_lossless.dcm"
+    save(new_view, studies / "study" / new_name)
     result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
     assert result.returncode == 0, result.stderr
     (study,) = rows(tmp_path / "r2.csv")
     assert study["n_scored"] == "2" and study["reason"] == ""
     after = image_rows(state)
     assert float(study["probability"]) == pytest.approx(max(after["study/b_lossy.dcm"][1],
-                                                            after["study/c_new.dcm"][1]), abs=1e-6)
+                                                            after[f"study/{new_name}"][1]), abs=1e-6)
 
 
 def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
@@ -515,6 +552,27 @@ def test_a_keras_model_the_export_cannot_load_still_leaves_the_report(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "review export failed: cannot load model" in result.stderr.splitlines()[-1]
     assert [r["status"] for r in rows(tmp_path / "r.csv")] == ["scored"]
+
+
+def test_an_export_copy_stopped_half_way_leaves_no_truncated_file(tmp_path, monkeypatch):
+    from pneumonia_batch import export
+
+    source = tmp_path / "link.jpeg"
+    source.symlink_to(NORMAL_JPEG)  # a symlink's content is always copied, never hard-linked
+    target = tmp_path / "review" / "0123_cxr.jpeg"
+    target.parent.mkdir()
+
+    def stopped_half_way(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.shutil, "copy2", stopped_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export._link_or_copy(source, target)
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    export._link_or_copy(source, target)  # the next run
+    assert target.read_bytes() == NORMAL_JPEG.read_bytes() and not target.is_symlink()
 
 
 def test_flagged_studies_a_failed_export_missed_are_exported_by_the_next_run(tmp_path):
