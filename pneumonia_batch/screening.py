@@ -201,7 +201,12 @@ def _restore_or_identify(files: list[discover.InputFile], state, info: ModelInfo
         if row and item.status in ("pending", "skipped") and state.restore(item, row, header_filter):
             restored.add(item.rel)
             if discover.duplicate_of(item):  # decided again from its stored header when grouped:
-                item.finish("pending")       # the copy scored in its place may be gone or replaced
+                # the copy scored in its place may be gone or replaced; this run's header filter holds
+                skip = discover.eligibility_skip(item.header, header_filter)
+                if skip:
+                    item.finish("skipped", skip)
+                else:
+                    item.finish("pending")
         else:
             discover.identify(item, header_filter=header_filter)
     return restored

@@ -517,6 +517,23 @@ def test_a_stored_duplicate_whose_scored_copy_is_gone_is_scored(night_2, tmp_pat
                                                             after[f"study/{new_name}"][1]), abs=1e-6)
 
 
+def test_a_stored_duplicate_is_held_to_the_header_filter_of_the_run(tmp_path):
+    studies = tmp_path / "studies"
+    (studies / "study").mkdir(parents=True)
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
+    save(make_dataset(chest_pixels(256), view="LL", **uids), studies / "study" / "a_lossless.dcm")
+    save(make_dataset(chest_pixels(256)[::-1], view="LL", LossyImageCompression="01", **uids),
+         studies / "study" / "b_lossy.dcm")
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--no-header-filter")
+    assert [r["n_scored"] for r in rows(tmp_path / "r1.csv")] == ["1"]
+    run(studies, "--out", tmp_path / "r2.csv", "--state", state)  # the lateral view is filtered again
+    (study,) = rows(tmp_path / "r2.csv")
+    assert (study["n_scored"], study["status"], study["reason"]) == ("0", "skipped", "not_frontal_view (2)")
+    run(studies, "--out", tmp_path / "r3.csv", "--state", state)
+    assert rows(tmp_path / "r3.csv") == []  # and stays decided
+
+
 def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_report(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     os.symlink(studies / "child000" / "cxr.jpeg", studies / "child000" / "again.jpeg")
