@@ -280,9 +280,11 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     if export_dir is not None and export_dir.resolve() == directory.resolve():
         raise click.UsageError("--export-flagged must not be DIRECTORY itself: the exported copies would "
                                "be screened as new studies")
-    for option, path in (("--out", out), ("--state", state_path), ("--log-file", log_file)):
-        if path is not None:
-            _check_writable(option, path)
+    _check_writable("--out", out)
+    if state_path is not None:  # its lock file goes beside the name given, the database beside the target
+        _check_writable("--state", state_path, also_beside_link=True)
+    if log_file is not None:
+        _check_appendable("--log-file", log_file)
     try:
         info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
     except ModelError as exc:
@@ -318,19 +320,10 @@ def _bar(total: int):
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
-def _check_writable(option: str, path: Path) -> None:
+def _check_writable(option: str, path: Path, also_beside_link: bool = False) -> None:
     """Refuse an output that cannot be written before a night's scoring is spent on it."""
-    if option == "--log-file" and path.exists() and not path.is_dir():
-        # Only appended to, so its folder may be closed to us; a device (/dev/stdout) or FIFO too,
-        # but a FIFO nobody reads would block the run, lock held, until the next night's.
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
-        except OSError as exc:
-            _fatal(f"{option}: cannot append to {path}: {exc.strerror}")
-        return
     real = Path(os.path.realpath(path))  # a symlink is written through to its target
-    # the state's lock file goes beside the name given, its database and journals beside the target
-    folders = {real.parent, path.absolute().parent} if option == "--state" else {real.parent}
+    folders = {real.parent, path.absolute().parent} if also_beside_link else {real.parent}
     for folder in sorted(folders):
         if not folder.is_dir():
             _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
@@ -339,6 +332,18 @@ def _check_writable(option: str, path: Path) -> None:
                 pass
         except OSError as exc:
             _fatal(f"{option}: cannot write in {folder}: {exc.strerror}")
+
+
+def _check_appendable(option: str, path: Path) -> None:
+    """An existing file only appended to need not have a writable folder; a device (/dev/stdout)
+    works too, but a FIFO nobody reads would block the run, lock held, until the next night's."""
+    if not path.exists():  # Click has refused a folder
+        _check_writable(option, path)
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+    except OSError as exc:
+        _fatal(f"{option}: cannot append to {path}: {exc.strerror}")
 
 
 def _standard_streams_open() -> None:

@@ -244,8 +244,8 @@ def spare_copies(files: list[InputFile]) -> list[InputFile]:
     failed = {f.rel for f in files if f.status == "error"}
     candidates: dict[str, list[InputFile]] = {}
     for item in files:
-        if duplicate_of(item) in failed:
-            candidates.setdefault(duplicate_of(item), []).append(item)
+        if (failed_copy := duplicate_of(item)) in failed:
+            candidates.setdefault(failed_copy, []).append(item)
     spares = []
     for copies in candidates.values():
         spare = max(copies, key=_preference)  # the first of the best, in path order

@@ -90,7 +90,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         files = [f for f in discover.walk(options.directory) if not is_own(f.path)]
         restored = _restore_or_identify(files, state, info, options.header_filter)
         studies = discover.group_studies(files)
-        restored -= {f.rel for f in files if f.status == "pending"}  # a stored duplicate now to be scored
+        restored -= {f.rel for f in files if f.status == "pending"}  # a stored duplicate grouping now keeps
         reported = state.reported_keys() if state else set()
         this_run = [s for s in studies if _needs_reporting(s, restored, reported)]
         _defer_arriving(this_run, options.min_age)
@@ -200,13 +200,6 @@ def _restore_or_identify(files: list[discover.InputFile], state, info: ModelInfo
         row = known.get(item.rel)
         if row and item.status in ("pending", "skipped") and state.restore(item, row, header_filter):
             restored.add(item.rel)
-            if discover.duplicate_of(item):  # decided again from its stored header when grouped:
-                # the copy scored in its place may be gone or replaced; this run's header filter holds
-                skip = discover.eligibility_skip(item.header, header_filter)
-                if skip:
-                    item.finish("skipped", skip)
-                else:
-                    item.finish("pending")
         else:
             discover.identify(item, header_filter=header_filter)
     return restored

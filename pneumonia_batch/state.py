@@ -18,8 +18,8 @@ import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 
-from .dicom import DicomHeader, skip_reason
-from .discover import InputFile, Study, eligibility_skip, readable
+from .dicom import DicomHeader
+from .discover import DUPLICATE, InputFile, Study, eligibility_skip, readable
 from .model import sha256_of
 
 SCHEMA = """
@@ -111,20 +111,23 @@ class State:
         fixed with chmod or a codec installed since may all have passed, so
         the file is tried again (and its study reported again) on every run.
         Nor is an outcome the header decided (scored, or skipped for the header's
-        own reason) that this run's header filter decides otherwise.
+        own reason) that this run's header filter decides otherwise.  A copy
+        skipped as a duplicate comes back eligible: grouping decides the copies
+        of an instance again every run, as the one scored in its place may since
+        have gone or been overwritten.
         """
         if item.status == "skipped":  # a link the walk skipped, as before: nothing new to report
             return (row["status"], row["reason"]) == ("skipped", item.reason)
         if row["size"] != item.size or row["mtime"] != item.mtime or row["status"] == "error":
             return False
+        status, reason = row["status"], row["reason"]
+        if status == "skipped" and reason.startswith(DUPLICATE):
+            status, reason = "pending", ""
         header = DicomHeader(**json.loads(row["header"])) if row["header"] else None
-        if header:
-            stored_skip = row["reason"] if row["status"] == "skipped" else None
-            by_header = stored_skip in (None, skip_reason(header))  # not, say, a duplicate copy
-            if by_header and stored_skip != eligibility_skip(header, header_filter):
-                return False
+        if header and (reason if status == "skipped" else None) != eligibility_skip(header, header_filter):
+            return False
         item.kind, item.header = row["kind"], header
-        item.status, item.reason, item.note = row["status"], row["reason"], row["note"]
+        item.status, item.reason, item.note = status, reason, row["note"]
         item.probability = row["probability"]
         return True
 

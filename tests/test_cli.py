@@ -217,11 +217,14 @@ def test_a_closed_stderr_does_not_stop_screening(tmp_path):
     result = subprocess.run(["sh", "-c", shlex.join(command) + " 2>&-"], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0 and len(rows(tmp_path / "r.csv")) == 5
-    # and descriptor 2 goes to /dev/null, not to the next file opened (the audit log, the lock)
-    probe = ("import os; os.close(2); from pneumonia_batch.cli import _standard_streams_open; "
-             "_standard_streams_open(); print(os.readlink('/proc/self/fd/2'))")
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=ROOT).stdout.strip() == os.devnull
+    # and the command gives descriptor 2 to /dev/null, not to the next file opened (the log, the lock)
+    probe = ("import os, sys; os.close(2); from click.testing import CliRunner; "
+             "from pneumonia_batch.cli import screen; "
+             "result = CliRunner().invoke(screen, sys.argv[1:]); "
+             "print(result.exit_code, os.readlink('/proc/self/fd/2'))")
+    result = subprocess.run([sys.executable, "-c", probe, str(EXAMPLES), "--out", str(tmp_path / "r2.csv"), "-q",
+                             "--log-file", str(tmp_path / "audit.jsonl")], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.split() == ["0", os.devnull], result.stdout
 
 
 def test_ctrl_c_while_the_model_loads_exits_130(tmp_path, monkeypatch):

@@ -154,6 +154,12 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+def signals_as_at_a_terminal():
+    """A test run started in the background (``&``, nohup) ignores SIGINT, and so would the screening
+    process it starts: give it the default, as a terminal's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -201,7 +207,7 @@ def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, cod
             "--state", str(state), "--log-file", str(log), "--batch-size", "2", "--no-progress"]
     # its own process group, as a terminal's Ctrl-C reaches the command and its decode workers
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, start_new_session=True)
+                               cwd=ROOT, start_new_session=True, preexec_fn=signals_as_at_a_terminal)
     deadline = time.time() + 300
     while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < 16):
         time.sleep(0.05)
@@ -231,7 +237,7 @@ def test_ctrl_c_while_the_decode_workers_start_is_one_line_too(tmp_path):
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r.csv"),
             "--no-progress"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, start_new_session=True)
+                               cwd=ROOT, start_new_session=True, preexec_fn=signals_as_at_a_terminal)
     def decode_worker_started():
         for pid in process_tree(process.pid)[1:]:
             try:
