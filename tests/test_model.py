@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info, sha256_of
-from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, parse_schedule
+from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, check_options, parse_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 KERMANY = ROOT.parent / "shared" / "data" / "kermany224"
@@ -411,10 +411,18 @@ def test_imagenet_init_without_weight_file_is_refused():
         build_model(None, init="imagenet", imagenet_weights=None)
 
 
-@pytest.mark.parametrize("text", ["96:2,128:1", "224", "224:0", "abc:1"])
+@pytest.mark.parametrize("text", ["224", "224:0", "abc:1", "224:1:0"])
 def test_bad_schedules_are_refused(text):
     with pytest.raises(ValueError):
         parse_schedule(text)
+
+
+def test_a_schedule_that_does_not_end_at_the_screening_size_is_refused(tmp_path):
+    options = dict(init="random", imagenet_weights=None, out=tmp_path / "m.keras", from_model=None,
+                   average_last=0, run_dir=tmp_path / "run", resume=False)
+    with pytest.raises(ValueError, match="must end at the screening resolution 224"):
+        check_options(parse_schedule("96:2,128:1"), **options)
+    check_options(parse_schedule("96:2,224:1"), **options)
 
 
 def test_augmentation_never_flips_and_stays_in_range():
