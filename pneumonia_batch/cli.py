@@ -311,6 +311,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         _fatal(str(exc))
     if not quiet:
         click.echo(summary.line(), err=True)
+    elif summary.export_error:  # an error, so said even when quiet
+        click.echo(f"error: review export failed: {summary.export_error}", err=True)
     sys.exit(summary.exit_code)
 
 

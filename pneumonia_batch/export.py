@@ -1,7 +1,7 @@
 """Export of flagged studies for radiologist review.
 
-Each flagged study gets a folder with its original files (hard links where
-possible), a Grad-CAM overlay per scored image and ``result.json``.  The
+Each flagged study gets a folder with copies of its original files, a Grad-CAM
+overlay per scored image and ``result.json``.  The
 top-level ``worklist.csv`` and ``index.html`` are rebuilt from every study
 folder present, so a study once exported stays listed: later runs only add.
 Folder and file names come from identifiers that may contain anything, so
@@ -20,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import write_atomic, write_json_atomic
@@ -65,50 +67,92 @@ def exported_name(item) -> str:
     return f"{digest}_{safe_name(Path(item.rel).name, 'file')}"
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where possible, else a copy; a symlink's content, never the link itself.
+def _copy_refusal(path: Path, real_root: Path) -> str:
+    """Why a file of a flagged study is listed but not copied, or "" to copy it.
 
-    A copy is made under a temporary name, then renamed: a run stopped half-way through it
-    leaves no truncated file that later runs would take for the export.
+    Only regular files inside the screened folder leave it: screening does not follow a link out
+    of the folder, and the export must not either (it may reach another patient's data, or
+    /dev/zero).  A file gone since the scan is copied, so the copy's error reports it.
     """
-    if target.exists():
+    if not os.path.lexists(path):
+        return ""
+    try:
+        real = path.resolve(strict=True)
+        mode = real.stat().st_mode
+    except (OSError, RuntimeError):
+        return "a broken or looping link"
+    if not real.is_relative_to(real_root):
+        return "outside the screened folder"
+    return "" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _copy(source: Path, target: Path) -> None:
+    """A copy of the content with its modification time, never a hard link or the link itself.
+
+    A hard link would share one inode, and so its permissions and every later in-place edit,
+    between the archive and the review share.  The copy is made under a temporary name, then
+    renamed: a run stopped half-way through it leaves no truncated file that later runs would
+    take for the export.
+    """
+    if target.is_file():
         return
-    if not source.is_symlink():
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            pass
     partial = target.with_name(f".{target.name}.partial")
     try:
-        shutil.copy2(source, partial)
+        shutil.copyfile(source.resolve(), partial)  # the review share's own permissions, not the archive's
+        modified = source.stat().st_mtime_ns
+        os.utime(partial, ns=(modified, modified))
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo) -> int:
-    """Export this run's flagged studies and rebuild the worklist and page; returns how many."""
+@dataclass
+class ExportOutcome:
+    exported: int = 0
+    incomplete: dict[str, str] = field(default_factory=dict)  # study key -> the first problem
+
+    def problem(self) -> str:
+        """"" when every flagged study was exported whole, else a line for the run summary."""
+        if not self.incomplete:
+            return ""
+        first = next(iter(self.incomplete.values()))
+        return (f"{len(self.incomplete)} of {self.exported} flagged studies exported incompletely "
+                f"(first: {first}); their result.json lists each file's error")
+
+
+def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo,
+                   screened: Path) -> ExportOutcome:
+    """Export this run's flagged studies from the folder ``screened`` and rebuild the worklist
+    and page.  A file that could not be copied or drawn makes its study incomplete."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
+    real_root = Path(screened).resolve()
     flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]
+    outcome = ExportOutcome(exported=len(flagged))
     model = None
     for study, record in flagged:
         folder = _inside(export_dir, export_dir / study_folder_name(record))
         folder.mkdir(exist_ok=True)
         known_thumbnails = _thumbnails_of(folder)
         images = []
+        problems = []
         scored = study.scored
         for item in study.files:
             name = exported_name(item)
             entry = {"file": item.rel, "exported_as": name, "status": item.status,
                      "probability": item.probability}
-            try:
-                _link_or_copy(item.path, _inside(export_dir, folder / name))
-            except OSError as exc:  # gone since the scan, a folder, a broken link: listed, not fatal
-                entry.update(exported_as=None, export_error=exc.strerror or str(exc))
+            refusal = _copy_refusal(item.path, real_root)
+            if refusal:
+                entry.update(exported_as=None, not_exported=refusal)
+            else:
+                try:
+                    _copy(item.path, _inside(export_dir, folder / name))
+                except OSError as exc:  # gone since the scan, a full disk: listed, and retried
+                    entry.update(exported_as=None, export_error=exc.strerror or str(exc))
+                    problems.append(f"{item.rel}: {entry['export_error']}")
             if item in scored and entry["exported_as"]:
-                overlay_name = f"overlay_{name}.png"
+                # Named by the model too: a model update draws its own heatmaps, never shows the last one's.
+                overlay_name = f"overlay_{name}.model-{info.sha256[:8]}.png"
                 overlay_path = folder / overlay_name
                 made_now = False
                 if not overlay_path.exists():  # a rerun does not recompute it
@@ -121,6 +165,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                         made_now = True
                     except Exception as exc:  # the file changed or vanished since it was scored
                         entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        problems.append(f"{item.rel}: no overlay: {entry['overlay_error']}")
                 if overlay_path.exists():
                     entry["overlay"] = overlay_name
                     # Made once, kept in result.json: rebuilding the page each night then reads
@@ -128,15 +173,17 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     stored = None if made_now else known_thumbnails.get(overlay_name)
                     try:
                         entry["thumbnail"] = stored or _thumbnail(overlay_path)
-                    except (OSError, ValueError) as exc:  # a damaged overlay: listed, not fatal
+                    except (OSError, ValueError) as exc:  # a damaged overlay: the page links it instead
                         entry["thumbnail_error"] = f"{type(exc).__name__}: {exc}"[:300]
             images.append(entry)
+        if problems:
+            outcome.incomplete[record["study_key"]] = f"{record['study_id']}: {problems[0]}"
         result = {key: record[key] for key in record if key != "images"}
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
                       export_version=1)
         write_json_atomic(folder / RESULT_FILE, result)
     rebuild_index(export_dir)
-    return len(flagged)
+    return outcome
 
 
 def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:

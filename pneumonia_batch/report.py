@@ -109,12 +109,18 @@ def image_record(item: InputFile) -> dict:
     }
 
 
+def _csv_file_name(name: str) -> str:
+    """A name as listed in the ``;``-separated files cell: split on ``;``, then unquote
+    (``urllib.parse.unquote``) to get the name back."""
+    return name.replace("%", "%25").replace(";", "%3B")
+
+
 def render_csv(records: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for record in records:
-        row = dict(record, files=";".join(record["files"]),
+        row = dict(record, files=";".join(map(_csv_file_name, record["files"])),
                    flagged="true" if record["flagged"] else "false",
                    probability="" if record["probability"] is None else f"{record['probability']:.6f}")
         writer.writerow({k: safe_cell(v) for k, v in row.items()})

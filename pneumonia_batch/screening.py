@@ -149,22 +149,27 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         previous = state.previous_studies(earlier_keys) if state and options.include_previous else []
         summary.count(this_run, previous=len(earlier_keys))
         report_records = records + previous
+        unexported: list[str] = []  # flagged studies the export missed in part or whole
         if options.export_dir:
             from .export import export_flagged
 
             exporting = time.perf_counter()
             try:
-                summary.counts["exported"] = export_flagged(options.export_dir, this_run, records, info)
+                exported = export_flagged(options.export_dir, this_run, records, info, options.directory)
+                summary.counts["exported"] = exported.exported
+                summary.export_error = exported.problem()
+                unexported = list(exported.incomplete)
             except (OSError, ValueError, ModelError) as exc:  # the report matters more: write it regardless
                 summary.export_error = str(exc)
-                audit.event("export_failed", error=str(exc))
+                unexported = [r["study_key"] for r in records if r["flagged"]]
+            if summary.export_error:
+                audit.event("export_failed", error=summary.export_error)
             summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)
         summary.timings["total_s"] = round(time.perf_counter() - started, 3)
         with _stop_signals_held():
             write_report(options.out, options.fmt, report_records, summary)
             if state:
-                # a failed export's flagged studies stay unreported, so the next run exports them
-                unexported = [r["study_key"] for r in records if r["flagged"]] if summary.export_error else []
+                # studies a failed export missed stay unreported, so the next run exports them
                 state.save_studies(records, info.sha256, info.threshold, unreported=unexported)
                 state.record_run(summary.run_id, summary.counts)
             audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,

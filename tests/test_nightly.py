@@ -20,6 +20,7 @@ from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 from tests.test_cli import NORMAL_JPEG, PNEUMONIA_JPEG, ROOT, rows, run
 
 OLD = time.time() - 3600
+SHIPPED_SHA = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())["sha256"]
 
 
 def make_studies(root: Path, n: int) -> Path:
@@ -318,7 +319,7 @@ def test_export_is_safe_idempotent_and_only_grows(tmp_path):
     assert any(f.startswith("_CON_") for f in folders) and any(f.startswith("etc_") for f in folders)
     for folder in folders:
         content = sorted(p.name for p in (export / folder).iterdir())
-        assert content[0].endswith(".dcm") and content[1] == f"overlay_{content[0]}.png"
+        assert content[0].endswith(".dcm") and content[1] == f"overlay_{content[0]}.model-{SHIPPED_SHA[:8]}.png"
         assert content[2] == "result.json"
     overlays = {p: p.stat().st_mtime_ns for p in export.rglob("overlay_*")}
     files = sorted(p for p in export.rglob("*") if p.parent != export)
@@ -560,16 +561,22 @@ def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_repo
     assert folder.read_text() == "not a folder"
 
 
+def model_copy(folder: Path, keras_bytes: bytes) -> Path:
+    """A model file with other bytes, hence another sha256, beside the shipped TFLite conversion."""
+    model = folder / "m.keras"
+    model.write_bytes(keras_bytes)
+    shutil.copy(ROOT / "weights" / "densenet121_pneumonia.tflite", folder / "m.tflite")
+    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
+    meta["sha256"] = meta["tflite"]["converted_from_sha256"] = hashlib.sha256(keras_bytes).hexdigest()
+    meta["tflite"]["file"] = "m.tflite"
+    (folder / "m.json").write_text(json.dumps(meta))
+    return model
+
+
 def test_a_keras_model_the_export_cannot_load_still_leaves_the_report(tmp_path):
     """Screening runs the TFLite conversion; the heat maps need the Keras file, damaged here."""
     studies = make_studies(tmp_path / "studies", 1)
-    model = tmp_path / "m.keras"
-    model.write_bytes(b"not a keras archive")
-    shutil.copy(ROOT / "weights" / "densenet121_pneumonia.tflite", tmp_path / "m.tflite")
-    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
-    meta["sha256"] = meta["tflite"]["converted_from_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
-    meta["tflite"]["file"] = "m.tflite"
-    (tmp_path / "m.json").write_text(json.dumps(meta))
+    model = model_copy(tmp_path, b"not a keras archive")
     result = run(studies, "--out", tmp_path / "r.csv", "--model", model, "--threshold", "0",
                  "--export-flagged", tmp_path / "review")
     assert result.returncode == 1, result.stderr
@@ -581,7 +588,7 @@ def test_an_export_copy_stopped_half_way_leaves_no_truncated_file(tmp_path, monk
     from pneumonia_batch import export
 
     source = tmp_path / "link.jpeg"
-    source.symlink_to(NORMAL_JPEG)  # a symlink's content is always copied, never hard-linked
+    source.symlink_to(NORMAL_JPEG)  # a symlink's content is copied, never the link
     target = tmp_path / "review" / "0123_cxr.jpeg"
     target.parent.mkdir()
 
@@ -589,12 +596,12 @@ def test_an_export_copy_stopped_half_way_leaves_no_truncated_file(tmp_path, monk
         Path(dst).write_bytes(Path(src).read_bytes()[:1000])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.shutil, "copy2", stopped_half_way)
+    monkeypatch.setattr(export.shutil, "copyfile", stopped_half_way)
     with pytest.raises(KeyboardInterrupt):
-        export._link_or_copy(source, target)
+        export._copy(source, target)
     assert list(target.parent.iterdir()) == []
     monkeypatch.undo()
-    export._link_or_copy(source, target)  # the next run
+    export._copy(source, target)  # the next run
     assert target.read_bytes() == NORMAL_JPEG.read_bytes() and not target.is_symlink()
 
 
@@ -708,3 +715,73 @@ def test_studies_inside_the_export_folder_are_still_screened(tmp_path):
     assert [r["status"] for r in rows(tmp_path / "r.csv")] == ["scored"]
     same = run(studies, "--out", tmp_path / "r.csv", "--export-flagged", studies)
     assert same.returncode == 2 and "must not be DIRECTORY itself" in same.stderr
+
+
+def test_the_export_copies_only_regular_files_inside_the_screened_folder(tmp_path):
+    """A link out of the folder (another patient's notes, /dev/zero) and a FIFO stay where they are."""
+    studies = make_studies(tmp_path / "studies", 1)
+    study = studies / "child000"
+    (tmp_path / "outside.txt").write_text("another patient's notes")
+    os.symlink(tmp_path / "outside.txt", study / "notes.txt")
+    os.symlink("/dev/zero", study / "zeros.raw")
+    os.mkfifo(study / "pipe")
+    os.chmod(study / "cxr.jpeg", 0o600)
+    export = tmp_path / "review"
+    result = run(studies, "--out", tmp_path / "r.csv", "--threshold", "0", "--export-flagged", export)
+    assert result.returncode == 1, result.stderr  # the FIFO is an error row ("empty file"), not an export failure
+    assert "review export failed" not in result.stderr
+    (folder,) = [p for p in export.iterdir() if p.is_dir()]
+    images = {i["file"]: i for i in json.loads((folder / "result.json").read_text())["images"]}
+    assert images["child000/notes.txt"]["not_exported"] == "outside the screened folder"
+    assert images["child000/zeros.raw"]["not_exported"] == "outside the screened folder"
+    assert images["child000/pipe"]["not_exported"] == "not a regular file"
+    assert all(images[f]["exported_as"] is None for f in ("child000/notes.txt", "child000/zeros.raw", "child000/pipe"))
+    copied = folder / images["child000/cxr.jpeg"]["exported_as"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [copied.name, images["child000/cxr.jpeg"]["overlay"], "result.json"])
+    source = (study / "cxr.jpeg").stat()
+    # a copy, not a hard link: the archive's file shares neither its permissions nor later edits
+    assert copied.stat().st_ino != source.st_ino and source.st_nlink == 1
+    assert copied.stat().st_mode & 0o777 != 0o600 and copied.stat().st_mtime_ns == source.st_mtime_ns
+    assert copied.read_bytes() == (study / "cxr.jpeg").read_bytes()
+
+
+def test_a_new_model_draws_its_own_overlays(tmp_path):
+    studies = make_studies(tmp_path / "studies", 1)
+    export = tmp_path / "review"
+    args = ["--threshold", "0", "--export-flagged", export]
+    assert run(studies, "--out", tmp_path / "r1.csv", *args).returncode == 0
+    (folder,) = [p for p in export.iterdir() if p.is_dir()]
+    (first,) = json.loads((folder / "result.json").read_text())["images"]
+    model = model_copy(tmp_path, (ROOT / "weights" / "densenet121_pneumonia.keras").read_bytes() + b"\0")
+    new_sha = json.loads((tmp_path / "m.json").read_text())["sha256"]
+    result = run(studies, "--out", tmp_path / "r2.csv", "--model", model, *args)
+    assert result.returncode == 0, result.stderr
+    (second,) = json.loads((folder / "result.json").read_text())["images"]
+    assert first["overlay"] == f"overlay_{first['exported_as']}.model-{SHIPPED_SHA[:8]}.png"
+    assert second["overlay"] == f"overlay_{first['exported_as']}.model-{new_sha[:8]}.png"
+    assert (folder / first["overlay"]).is_file() and (folder / second["overlay"]).is_file()  # only grows
+
+
+def test_a_file_the_export_could_not_copy_fails_the_run_and_is_exported_next_night(tmp_path):
+    studies = make_studies(tmp_path / "studies", 2)
+    export = tmp_path / "review"
+    args = ["--threshold", "0", "--export-flagged", export]
+    assert run(studies, "--out", tmp_path / "r0.csv", *args).returncode == 0
+    (victim,) = [p for p in export.glob("*/*_cxr.jpeg") if "child001" in p.parent.joinpath("result.json").read_text()]
+    victim.unlink()
+    victim.mkdir()  # its name is taken: the copy fails as a full or read-only share would
+    args += ["--state", tmp_path / "state.db", "--quiet"]
+    first = run(studies, "--out", tmp_path / "r1.csv", *args)
+    assert first.returncode == 1
+    assert first.stderr.strip().startswith("error: review export failed: 1 of 2 flagged studies exported "
+                                           "incompletely (first: child001: child001/cxr.jpeg: ")
+    (image,) = json.loads((victim.parent / "result.json").read_text())["images"]
+    assert image["exported_as"] is None and image["export_error"]
+    victim.rmdir()
+    second = run(studies, "--out", tmp_path / "r2.csv", *args)
+    assert second.returncode == 0, second.stderr
+    assert [r["study_id"] for r in rows(tmp_path / "r2.csv")] == ["child001"]  # only the incomplete one
+    assert victim.read_bytes() == (studies / "child001" / "cxr.jpeg").read_bytes()
+    assert run(studies, "--out", tmp_path / "r3.csv", *args).returncode == 0
+    assert rows(tmp_path / "r3.csv") == []

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -34,6 +35,16 @@ def test_csv_rows_flags_and_formula_neutralising():
     assert (rows[0]["probability"], rows[0]["flagged"], rows[0]["n_scored"]) == ("0.900000", "true", "2")
     assert (rows[1]["flagged"], rows[2]["probability"], rows[2]["status"]) == ("false", "", "error")
     assert rows[0]["files"] == "s1/0.png;s1/1.png"
+
+
+def test_file_names_holding_the_separator_split_back_exactly():
+    names = ["odd/a;b.jpeg", "odd/100%.jpeg", "odd/%3B.jpeg", "odd/c.jpeg"]
+    s = Study("odd", "odd")
+    for name in names:
+        s.files.append(InputFile(rel=name, path=None, kind="jpeg", status="scored", probability=0.3))
+    (row,) = csv.DictReader(io.StringIO(report.render_csv([report.study_record(s, 0.5, "abc", "run1")])))
+    assert row["files"] == "odd/a%3Bb.jpeg;odd/100%25.jpeg;odd/%253B.jpeg;odd/c.jpeg"
+    assert [unquote(name) for name in row["files"].split(";")] == names
 
 
 def test_threshold_is_inclusive():
