@@ -125,6 +125,8 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     """Export this run's flagged studies from the folder ``screened`` and rebuild the worklist
     and page.  A file that could not be copied or drawn makes its study incomplete."""
     export_dir = Path(export_dir)
+    if export_dir.is_symlink() and not export_dir.exists():  # mkdir would only say "File exists"
+        raise OSError(f"{export_dir} is a link to {os.readlink(export_dir)}, which does not exist")
     export_dir.mkdir(parents=True, exist_ok=True)
     real_root = Path(screened).resolve()
     flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]

@@ -785,3 +785,12 @@ def test_a_file_the_export_could_not_copy_fails_the_run_and_is_exported_next_nig
     assert victim.read_bytes() == (studies / "child001" / "cxr.jpeg").read_bytes()
     assert run(studies, "--out", tmp_path / "r3.csv", *args).returncode == 0
     assert rows(tmp_path / "r3.csv") == []
+
+
+def test_an_export_folder_named_through_a_dangling_link_is_a_clear_export_error(tmp_path):
+    from pneumonia_batch.export import export_flagged
+
+    (tmp_path / "review").symlink_to(tmp_path / "unmounted" / "share")
+    with pytest.raises(OSError, match=r"review is a link to .*unmounted/share, which does not exist"):
+        export_flagged(tmp_path / "review", [], [], None, tmp_path / "studies")
+    assert not (tmp_path / "unmounted").exists()
