@@ -25,8 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from .model import DEFAULT_MODEL, read_model_info
+from .screening import ScreenOptions
 
 ROOT = Path(__file__).resolve().parent.parent
+SCREEN_BATCH = ScreenOptions.batch_size
+# screen.py's steady throughput runs from its first batch out to its last: it needs three batches.
+MIN_FILES = 2 * SCREEN_BATCH + 1
+
+
+class BenchFailed(RuntimeError):
+    """A measured program failed, or did not score every file of the corpus."""
 
 
 def build_corpus(data: Path, target: Path, n_files: int, seed: int = 0) -> dict:
@@ -106,9 +114,9 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_process(args: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
+def timed_process(args: list[str], name: str) -> tuple[float, float, float, subprocess.CompletedProcess]:
     """Wall seconds, CPU seconds (the process and every descendant it waited for, such as decode
-    workers), peak RSS in GB, and the result."""
+    workers), peak RSS in GB, and the result of a run that must succeed."""
     started, cpu_started = time.perf_counter(), _children_cpu_s()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     memory = PeakRSS(process.pid)
@@ -116,8 +124,8 @@ def timed_process(args: list[str]) -> tuple[float, float, float, subprocess.Comp
     wall, cpu = time.perf_counter() - started, _children_cpu_s() - cpu_started
     peak = memory.stop()
     result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-    if process.returncode not in (0, 1):
-        raise RuntimeError(f"{args[:3]} failed: {stderr[-2000:]}")
+    if process.returncode != 0:
+        raise BenchFailed(f"{name} exited with code {process.returncode}:\n{stderr[-2000:]}")
     return wall, cpu, peak, result
 
 
@@ -241,6 +249,17 @@ print(n)
 """
 
 
+def seed_loop(corpus: Path, model_path: Path, n_files: int) -> tuple[float, float]:
+    """Wall seconds and peak RSS in GB of the seed-style loop, which must score every file."""
+    wall, _, peak, result = timed_process([sys.executable, "-c", SEED_LOOP, str(corpus),
+                                           str(Path(model_path).resolve())], "the seed-style loop")
+    printed = result.stdout.split()[-1:]
+    if printed != [str(n_files)]:
+        raise BenchFailed(f"the seed-style loop scored {printed[0] if printed else 'no'} images "
+                          f"of {n_files} files")
+    return wall, peak
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -250,6 +269,9 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-shift", action="store_true",
                         help="only measure how reduced-resolution decoding moves the probabilities")
     args = parser.parse_args(argv)
+    if not args.decode_shift and args.files < MIN_FILES:
+        parser.error(f"--files must be at least {MIN_FILES}: screen.py's steady throughput is measured "
+                     f"from its first batch of {SCREEN_BATCH} images to its last, so it needs three batches")
 
     if args.decode_shift:
         results = decode_shift(args.data, args.model)
@@ -272,10 +294,16 @@ def main(argv=None) -> None:
         print("decode + resize, CPU ms per file: " + ", ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))
 
         report = Path(tmp) / "report.json"
+        # Exit code 1 (some files could not be read) is a failure too: the corpus holds readable
+        # files only, and a run that scored fewer of them would be measured too fast.
         wall, cpu, peak, _ = timed_process([sys.executable, "screen.py", str(corpus), "--out", str(report),
-                                            "--no-progress", "--quiet"])
+                                            "--model", str(args.model.resolve()),
+                                            "--batch-size", str(SCREEN_BATCH), "--no-progress", "--quiet"],
+                                           "screen.py")
         run = json.loads(report.read_text())["run"]
         scored = run["counts"]["images_scored"]
+        if scored != n:
+            raise BenchFailed(f"screen.py scored {scored} images of {n} files")
         steady = run["timings"]["steady_img_s"]
         print(f"screen.py: {scored} images in {wall:.1f} s wall ({scored / wall:.1f} img/s with start-up), "
               f"steady {steady:.1f} img/s on {run['runtime']}, {cpu * 1000 / scored:.1f} CPU ms/img "
@@ -290,9 +318,8 @@ def main(argv=None) -> None:
               f"{decode_ms['all']:.1f} decode CPU ms) = {estimate:.1f} img/s = "
               f"{estimate / speeds[best_name]:.2f} of best model-only", flush=True)
 
-        seed_wall, _, seed_peak, seed = timed_process([sys.executable, "-c", SEED_LOOP, str(corpus),
-                                                       str(args.model)])
-        print(f"seed-style loop: {seed.stdout.strip()} images in {seed_wall:.1f} s wall, "
+        seed_wall, seed_peak = seed_loop(corpus, args.model, n)
+        print(f"seed-style loop: {n} images in {seed_wall:.1f} s wall, "
               f"peak RSS {seed_peak:.2f} GB", flush=True)
 
         results = {
@@ -313,4 +340,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchFailed as exc:
+        sys.exit(f"benchmark failed: {exc}")
