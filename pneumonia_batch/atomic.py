@@ -8,15 +8,31 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path`` and fsync the folder.
+    """Write ``content`` to ``path`` atomically (see ``save_atomic``)."""
+    binary = isinstance(content, bytes)
+    text_mode = {} if binary else {"newline": "", "encoding": "utf-8"}  # not the locale's: cron's may be ASCII
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb" if binary else "w", **text_mode) as handle:
+            handle.write(content)
+
+    save_atomic(path, write)
+
+
+def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """Have ``save`` write a temp file in the same folder, fsync it, then rename it over ``path`` and
+    fsync the folder.  The temp file's name ends in ``suffix``, for writers that pick the format
+    from it (Keras: ``.keras`` or ``.h5``).
 
     A symlink is followed, as a shell's ``>`` would: its target is replaced, the link stays.
     """
     path = Path(os.path.realpath(path))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
         try:  # a file replaced keeps its permissions: a report an admin made private stays private
             mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -24,12 +40,9 @@ def write_atomic(path: Path, content: str | bytes) -> None:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask  # mkstemp's 0600 would surprise whoever reads the report
-        os.chmod(tmp, mode)
-        binary = isinstance(content, bytes)
-        text_mode = {} if binary else {"newline": "", "encoding": "utf-8"}  # not the locale's: cron's may be ASCII
-        with os.fdopen(fd, "wb" if binary else "w", **text_mode) as handle:
-            handle.write(content)
-            handle.flush()
+        save(Path(tmp))
+        os.chmod(tmp, mode)  # after the save: a writer may have made the file anew
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

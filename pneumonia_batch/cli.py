@@ -118,7 +118,8 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many images per class (smoke runs).")
 @click.option("--from-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning); its training record is "
-                   "kept in the new metadata.")
+                   "kept in the new metadata.  On the data it was trained on, keep its --seed and "
+                   "--val-fraction.")
 @click.option("--average-last", default=0, show_default=True, type=click.IntRange(min=0),
               help="Save the mean of the last N epochs' weights (the final phase then runs at its "
                    "constant learning rate, without early stopping); 0 keeps the 224 px epoch "
@@ -131,7 +132,7 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
     Example:
       python -m pneumonia_batch train ../shared/data/kermany224 --out weights/densenet121_pneumonia.keras
     """
-    from .train import check_options, parse_schedule, train as run_training
+    from .train import OptionError, check_options, parse_schedule, train as run_training
 
     try:
         phases = parse_schedule(schedule)
@@ -145,6 +146,8 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
                      seed=seed, run_dir=run_dir, resume=resume, patience=patience, limit=limit,
                      target_sensitivity=target_sensitivity, from_model=from_model,
                      average_last=average_last, log=to_stderr)
+    except OptionError as exc:  # a split that cannot train, or not the run's or the start model's split
+        raise click.UsageError(str(exc))
     except (OSError, ValueError, ModelError) as exc:  # missing checkpoints, no usable images, a bad start model
         raise click.ClickException(str(exc))
 

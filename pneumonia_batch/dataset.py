@@ -14,8 +14,11 @@ from pathlib import Path
 
 from . import discover
 from .model import CLASS_NAMES
+from .pipeline import decode_for_model
 
-# Training decodes with tf.io inside the tf.data pipeline, which reads PNG and JPEG only.
+# Training reads PNG and JPEG files only, the kinds of the Kermany data.  Widening this would
+# change the validation split that calibrate rebuilds for a model trained on a folder that
+# also holds DICOM files.
 TRAINING_KINDS = ("png", "jpeg")
 
 VALIDATION_SPLIT = "the patient-held-out validation split of the training data"
@@ -85,6 +88,22 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     return items, unused
 
 
+def list_training(directory: Path) -> tuple[list[LabelledImage], list[UnusedFile]]:
+    """``list_labelled`` for training: the images of ``TRAINING_KINDS`` that decode as screening
+    decodes them, and the other files with why.  A file that does not decode would otherwise
+    stop training inside an epoch; it is found here, before any training, and the patient
+    split is made of the images that decode."""
+    listed, unused = list_labelled(directory, TRAINING_KINDS)
+    items = []
+    for item in listed:
+        _, _, error = decode_for_model(str(item.path), item.kind)
+        if error:
+            unused.append(UnusedFile(item.path, discover.readable(f"error: {error}")))
+        else:
+            items.append(item)
+    return items, unused
+
+
 def class_folders(directory: Path) -> list[tuple[int, Path]]:
     """The class folders directly under ``directory`` with their labels, whatever their case
     (``normal/``, ``Pneumonia/``): a folder missed for its spelling would drop a class unseen."""
@@ -124,7 +143,7 @@ def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledIma
     if training.get("limit_per_class"):
         raise ValueError(f"the model was trained with --limit {training['limit_per_class']} (a smoke run): its "
                          "validation split cannot be rebuilt; use --local with labelled images")
-    items, _ = list_labelled(resolve_split(data_dir, "train"), TRAINING_KINDS)
+    items, _ = list_training(resolve_split(data_dir, "train"))
     train, val = split_by_patient(items, fraction, seed)
     if (len(train), len(val)) != tuple(recorded):
         raise ValueError(f"{data_dir} splits into {len(train)} training and {len(val)} validation images, "

@@ -10,7 +10,8 @@ the best 224 px one; only then do the files it no longer names go.  So a crash o
 at any point leaves a consistent run, and ``--resume`` continues where it
 stopped: same weights, Adam moments and learning rate, the plateau and
 early-stopping counters replayed from the history, and a phase that had stopped
-early stays stopped.  Only the random draws differ.
+early stays stopped.  Only the random draws differ.  The progress file also pins what makes the
+validation split (data folder, seed, fraction, limit): a resume with others is refused.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
 keeps every epoch's weights, and the model saved is the mean of its last N
@@ -25,17 +26,20 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import platform
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import fsync_path, write_atomic, write_json_atomic
-from .dataset import (TRAINING_KINDS, VALIDATION_SPLIT, LabelledImage, list_labelled, patient_of,
-                      resolve_split, split_by_patient)
+from .atomic import fsync_path, save_atomic, write_atomic, write_json_atomic
+from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, resolve_split,
+                      split_by_patient)
 from .discover import count_reasons
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, read_only, sha256_of)
+from .preprocess import model_input_from_file
 
 # Keras's defaults for the two validation-loss callbacks, which a resume replays
 EARLY_STOP_MIN_DELTA = 0.0
@@ -45,6 +49,14 @@ PLATEAU_PATIENCE = 1
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.
 UNFREEZE_FROM_LAYER = 100
+
+# What makes a validation split, and the option that sets each: a run and its resumes must agree
+# on all of them, or the epochs of one split would be chosen on another.
+SPLIT_OPTIONS = {"data": "DATA_DIR", "seed": "--seed", "val_fraction": "--val-fraction", "limit": "--limit"}
+
+
+class OptionError(ValueError):
+    """Options that do not fit the data, the run folder or the start model: a usage error."""
 
 
 @dataclass(frozen=True)
@@ -127,32 +139,48 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
         raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
     if read_only(out) or read_only(metadata_path(out)):
         raise ValueError(f"--out {out}: that model or its metadata is read-only")
+    progress = run_folder_path(out, run_dir) / "progress.json"
+    for option, path in (("--out", out), ("--out", metadata_path(out)), ("--run-dir", progress)):
+        _check_writable(option, path)
     start = Path(from_model).resolve().with_suffix("") if from_model is not None else None
     if start == Path(out).resolve().with_suffix(""):  # the start model and its history must survive the run
         raise ValueError("--out would overwrite the --from-model model and its history; write the "
                          "fine-tuned model elsewhere")
-    progress = run_folder_path(out, run_dir) / "progress.json"
     if not resume and progress.is_file():  # a forgotten --resume must not wipe hours of training
         raise ValueError(f"{progress.parent} holds an earlier run: --resume continues it; to start afresh, "
                          "remove that folder or give another --run-dir")
 
 
+def _check_writable(option: str, path: Path) -> None:
+    """Refuse a file that cannot be written, before hours of training rather than after them."""
+    folder = Path(os.path.realpath(path)).parent  # a symlink is written through to its target
+    while not folder.exists():  # the run makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is not a folder")
+    try:  # what the write will do there; mode bits say nothing of a read-only mount
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
+
+
 def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
                   augment: bool, seed: int):
-    """tf.data: decode to 224x224 RGB, optionally augment, resize to ``size``, batch."""
+    """tf.data: decode to 224x224 RGB as screening does, optionally augment, resize to ``size``, batch.
+
+    Each file goes through ``model_input_from_file``, screening's own decode, once (then cached):
+    TensorFlow's decoders differ from Pillow's (JPEG by up to 2 grey levels, full-size images
+    by 4-10 after the resize, 16-bit PNGs almost black), so the model would learn pixels that
+    screening never gives it.
+    """
     import tensorflow as tf
 
-    paths = tf.constant([str(i.path) for i in items])
-    labels = tf.constant([i.label for i in items], dtype=tf.int32)
+    def decode(path, kind):
+        return model_input_from_file(os.fsdecode(path), kind.decode())[0]
 
-    def load(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = tf.cond(
-            tf.reduce_all(tf.shape(image)[:2] == INPUT_SIZE),
-            lambda: image,
-            lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-                image, (INPUT_SIZE, INPUT_SIZE), method="bicubic", antialias=True)), 0, 255), tf.uint8),
-        )
+    def load(path, kind, label):
+        image = tf.numpy_function(decode, [path, kind], tf.uint8, stateful=False)
         image.set_shape((INPUT_SIZE, INPUT_SIZE, 3))
         return image, label
 
@@ -164,7 +192,10 @@ def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
             image = tf.image.resize(image, (size, size), antialias=True)
         return image, label
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    paths = tf.constant([os.fsencode(i.path) for i in items])  # bytes: any file name
+    kinds = tf.constant([i.kind for i in items])
+    labels = tf.constant([i.label for i in items], dtype=tf.int32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, kinds, labels))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if augment:
         ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
@@ -293,10 +324,22 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                                 f"{run.progress} records, is missing")
 
     train_dir = resolve_split(data_dir, "train")
-    items, unused = list_labelled(train_dir, TRAINING_KINDS)
+    split = {"data": str(train_dir.resolve()), "seed": seed, "val_fraction": val_fraction, "limit": limit}
+    # a run folder from before splits were recorded takes this run's
+    differing = _split_differences(progress.setdefault("split", split), split)
+    if differing:
+        raise OptionError(f"cannot resume: {run.progress} records a run with {'; '.join(differing)}. A "
+                          "resume must keep the run's validation split: give its options, or start "
+                          "afresh in another --run-dir")
+    if from_model is not None and "started_from" not in progress:
+        progress["started_from"] = _started_from(from_model)
+    if "started_from" in progress:
+        _check_start_split(progress["started_from"], split)
+    items, unused = list_training(train_dir)
     if unused:
         log(f"{len(unused)} files under {train_dir} not used: {count_reasons(u.reason for u in unused)}")
     train_items, val_items = split_by_patient(items, val_fraction, seed)
+    _require_both_classes(items, train_items, val_fraction)
     if limit:  # tiny runs for tests and smoke checks
         train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)
     weights = class_weights(train_items)
@@ -304,10 +347,11 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
 
     model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
-    if from_model is not None and "started_from" not in progress:
-        progress["started_from"] = _started_from(from_model)
     if resume and progress["completed_epochs"]:
-        model.load_weights(last_weights)
+        try:
+            model.load_weights(last_weights)
+        except Exception as exc:  # h5py and Keras raise many types for a damaged file
+            raise _damaged(last_weights, exc) from exc
         log(f"resumed from {last_weights} after epoch {progress['completed_epochs']}")
     elif from_model is not None:
         model.load_weights(from_model)
@@ -338,10 +382,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       metrics=["accuracy", _pneumonia_auc(keras)])
         first_epoch = max(epoch_start, progress["completed_epochs"])
         if rows:
-            last = rows[-1]["epoch"]
-            log(f"restored the optimiser state of epoch {last}"
-                if _restore_optimizer(model, run.epoch_optimizer(last)) else
-                f"no optimiser state saved after epoch {last}: Adam restarts")
+            log(_restore_optimizer(model, run.epoch_optimizer(rows[-1]["epoch"]), rows[-1]["epoch"]))
         # seeded by the first epoch to run, so a resumed phase does not replay its first epoch's shuffle
         train_ds = image_dataset(train_items, phase.size, batch_size, augment=True,
                                  seed=seed + first_epoch)
@@ -372,7 +413,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         best_epoch = best_224_epoch(progress["history"])
         final.load_weights(run.epoch_weights(best_epoch or progress["completed_epochs"]))
         checkpoint = f"epoch {best_epoch}, the lowest validation loss at 224 px" if best_epoch else "last epoch"
-    final.save(out)
+    # under a temporary name first: Keras writes straight into the file it is given, and a kill
+    # mid-save would leave neither the previous model nor this one
+    save_atomic(out, final.save, suffix=out.suffix)
     history_csv, curves_png = _write_history(out, progress["history"])
     metadata = {
         "model": out.name,
@@ -384,13 +427,14 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         "preprocessing": {
             "input_size": INPUT_SIZE,
             "input_scale": "raw",
-            "description": "grey image to 3 equal RGB channels, resized to 224x224 with Pillow's "
+            "description": "files decoded as screening decodes them, in training too; grey image "
+                           "to 3 equal RGB channels, resized to 224x224 with Pillow's "
                            "antialiased bicubic resize (aspect squashed, as the Kermany 224 px files "
                            "were made), values 0..255; the model divides by 255 and applies ImageNet "
                            "mean/std itself",
         },
         "training": {
-            "data": str(train_dir),
+            "data": split["data"],
             "n_train": len(train_items),
             "n_validation": len(val_items),
             "validation_split": f"{val_fraction:g} of each class's patients held out from the train "
@@ -460,6 +504,52 @@ def _started_from(model_path: Path) -> dict:
             "training": meta.get("training"), "validation": meta.get("validation")}
 
 
+def _split_differences(recorded: dict, split: dict) -> list[str]:
+    """The options (of those ``recorded``) by which ``split`` differs, with both values."""
+    def shown(value):
+        return "none" if value is None else value
+
+    return [f"{option} {shown(recorded[key])} (this run: {shown(split[key])})"
+            for key, option in SPLIT_OPTIONS.items() if key in recorded and recorded[key] != split[key]]
+
+
+def _check_start_split(started_from: dict, split: dict) -> None:
+    """Refuse a validation split that would hold images the start model was trained on: one made
+    of the data the start model was trained on with another seed or fraction (a --limit takes
+    part of each side of the same split, so it moves no image across).  A start model trained on
+    other data, or without a training record, is fine-tuned on any split."""
+    training = started_from.get("training") or {}
+    # a relative folder, as older models recorded it, is taken from the working folder, as it was given
+    if "data" not in training or str(Path(training["data"]).resolve()) != split["data"]:
+        return
+    recorded = {"seed": training.get("seed"), "val_fraction": training.get("validation_fraction")}
+    differing = _split_differences(recorded, split)
+    if differing:
+        raise OptionError(f"--from-model {started_from['model']} was trained on {split['data']} with "
+                          f"{'; '.join(differing)}: this run's validation split would hold images it was "
+                          "trained on. Give its options, or fine-tune on other data")
+
+
+def _require_both_classes(items: list[LabelledImage], train_items: list[LabelledImage],
+                          val_fraction: float) -> None:
+    """Both classes must be trained and validated on.  ``split_by_patient`` holds out at least
+    one patient of each class, so only training can be left without one."""
+    for label, name in enumerate(CLASS_NAMES):
+        patients = {patient_of(i.path) for i in items if i.label == label}
+        if not patients:
+            raise ValueError(f"no usable {name} images: training needs both classes")
+        if not any(i.label == label for i in train_items):
+            raise OptionError(f"--val-fraction {val_fraction:g} holds out all {len(patients)} {name} "
+                              f"patient(s) for validation and leaves none to train on: each class needs "
+                              f"patients in both parts (a smaller --val-fraction, or more {name} patients)")
+
+
+def _damaged(path: Path, exc: Exception) -> ValueError:
+    """A resume's refusal of a checkpoint file that cannot be read, naming it."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ValueError(f"cannot resume: {path} is damaged ({reason})")
+
+
 def best_224_epoch(history: list[dict]) -> int | None:
     """The 224 px epoch with the lowest validation loss (the first, on a tie).
 
@@ -482,22 +572,26 @@ def _save_optimizer(optimizer, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def _restore_optimizer(model, path: Path) -> bool:
-    """Load the state ``_save_optimizer`` wrote into the model's new optimiser.
-    False when there is none or it belongs to other trainable variables."""
+def _restore_optimizer(model, path: Path, epoch: int) -> str:
+    """Load the state ``_save_optimizer`` wrote after ``epoch`` into the model's new optimiser,
+    and say for the log what became of it."""
     import numpy as np
 
     if not Path(path).is_file():
-        return False
+        return f"no optimiser state saved after epoch {epoch}: Adam restarts"
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
-    with np.load(path) as saved:
-        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    try:
+        with np.load(path) as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    except Exception as exc:  # zipfile, zlib and numpy raise many types for a damaged file
+        raise _damaged(path, exc) from exc
     if [a.shape for a in arrays] != [tuple(v.shape) for v in optimizer.variables]:
-        return False
+        return (f"the optimiser state saved after epoch {epoch} ({path.name}) belongs to other "
+                "trainable variables: Adam restarts")
     for variable, array in zip(optimizer.variables, arrays):
         variable.assign(array)
-    return True
+    return f"restored the optimiser state of epoch {epoch}"
 
 
 def mean_weights(model, weight_files: list[Path]) -> list:
@@ -587,7 +681,9 @@ def _ProgressCallback(run: _RunFolder, progress: dict, phase: Phase, averaged_fr
 
 
 def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:
-    """history CSV and a loss/accuracy/AUC curve PNG next to the model."""
+    """history CSV and a loss/accuracy/AUC curve PNG next to the model, each written atomically."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -596,10 +692,11 @@ def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:
     csv_path = out.with_suffix(".history.csv")
     png_path = out.with_suffix(".curves.png")
     fields = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(history)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(csv_path, table.getvalue())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     epochs = [r["epoch"] for r in history]
     for ax, key in zip(axes, ("loss", "accuracy", "auc")):
@@ -611,6 +708,8 @@ def _write_history(out: Path, history: list[dict]) -> tuple[Path, Path]:
         ax.set_xlabel("epoch (resolution in the history CSV)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
     plt.close(fig)
+    write_atomic(png_path, image.getvalue())
     return csv_path, png_path

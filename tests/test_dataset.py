@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from pneumonia_batch.dataset import (TRAINING_KINDS, list_labelled, rebuild_validation_split, resolve_split,
-                                     split_by_patient)
+from pneumonia_batch.dataset import (TRAINING_KINDS, list_labelled, list_training, rebuild_validation_split,
+                                     resolve_split, split_by_patient)
 from pneumonia_batch.discover import count_reasons
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 
@@ -56,6 +56,19 @@ def test_training_uses_only_what_its_pipeline_decodes(local_folder):
     assert "dicom_not_used_for_training" in {u.reason for u in unused}
 
 
+def test_training_images_that_do_not_decode_are_set_aside_with_their_error(tmp_path):
+    """A truncated JPEG would stop training inside an epoch: it is listed unused, with the error
+    screening would report for it, before any training."""
+    for name in ("NORMAL/IM-0001-0001.jpeg", "PNEUMONIA/person1_virus_1.jpeg", "PNEUMONIA/person2_virus_2.jpeg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(NORMAL_JPEG.read_bytes())
+    (tmp_path / "PNEUMONIA" / "person2_virus_2.jpeg").write_bytes(NORMAL_JPEG.read_bytes()[:20000])
+    items, unused = list_training(tmp_path)
+    assert [(i.path.name, i.label) for i in items] == [("IM-0001-0001.jpeg", 0), ("person1_virus_1.jpeg", 1)]
+    assert [(u.path.name, u.reason) for u in unused] == [
+        ("person2_virus_2.jpeg", "error: OSError: image file is truncated (6 bytes not processed)")]
+
+
 def test_a_folder_without_usable_images_is_an_error(tmp_path):
     (tmp_path / "NORMAL").mkdir()
     (tmp_path / "NORMAL" / "notes.txt").write_text("x")
@@ -85,8 +98,10 @@ def test_validation_split_is_rebuilt_only_from_the_data_it_was_made_of(tmp_path)
         for label, name in (("NORMAL", f"IM-{n:04d}-0001.jpeg"), ("PNEUMONIA", f"person{n}_virus_{n}.jpeg")):
             (tmp_path / "train" / label).mkdir(parents=True, exist_ok=True)
             (tmp_path / "train" / label / name).write_bytes(NORMAL_JPEG.read_bytes())
+    # an eleventh patient whose only file is cut off: training left it out, and so does the rebuild
+    (tmp_path / "train" / "NORMAL" / "IM-0010-0001.jpeg").write_bytes(NORMAL_JPEG.read_bytes()[:20000])
     training = {"validation_fraction": 0.2, "seed": 3, "n_train": 16, "n_validation": 4}
-    items, _ = list_labelled(tmp_path / "train", TRAINING_KINDS)
+    items, _ = list_training(tmp_path / "train")
     assert rebuild_validation_split(tmp_path, training) == split_by_patient(items, 0.2, 3)[1]
     (tmp_path / "train" / "NORMAL" / "IM-0000-0001.jpeg").unlink()
     with pytest.raises(ValueError, match="splits into 15 training and 4 validation images, but the model was "

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,61 @@ def test_training_writes_model_metadata_history_and_threshold(tiny_training):
     history = out.with_suffix(".history.csv").read_text().splitlines()
     assert history[0].startswith("epoch") and len(history) == 3
     assert out.with_suffix(".curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.parent.iterdir()) == [  # no temporary file left behind
+        "run", "tiny.curves.png", "tiny.history.csv", "tiny.json", "tiny.keras"]
+    # the split is pinned for any resume of the run
+    assert json.loads((out.parent / "run" / "progress.json").read_text())["split"] == {
+        "data": str((KERMANY / "train").resolve()), "seed": 0, "val_fraction": 0.1, "limit": 4}
+    assert saved["training"]["data"] == str((KERMANY / "train").resolve())
+
+
+def test_training_decodes_files_exactly_as_screening_does(tmp_path):
+    """Without augmentation the 224 px training pipeline gives the model screening's very input:
+    for a Kermany 224 px JPEG, a full-size JPEG (decoded at a reduced scale) and a 16-bit PNG.
+    TensorFlow's own decoders were up to 2 grey levels off on the first, 4-10 on the second and
+    left the third almost black."""
+    from PIL import Image
+
+    from pneumonia_batch.dataset import LabelledImage
+    from pneumonia_batch.preprocess import model_input_from_file
+    from pneumonia_batch.train import image_dataset
+
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    png = tmp_path / "twelve-bit.png"  # 12-bit values in a 16-bit PNG, as exported from a DR system
+    Image.fromarray(np.linspace(100, 4000, 300 * 250).reshape(300, 250).astype(np.uint16)).save(png)
+    assert Image.open(png).mode == "I;16"
+    items = [LabelledImage(sorted((KERMANY / "train" / "NORMAL").iterdir())[0], 0, "jpeg"),
+             LabelledImage(ROOT / "examples" / "studies" / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg",
+                           0, "jpeg"),
+             LabelledImage(png, 1, "png")]
+    batches = list(image_dataset(items, 224, 8, augment=False, seed=0))
+    images, labels = batches[0][0].numpy(), batches[0][1].numpy()
+    assert len(batches) == 1 and images.shape == (3, 224, 224, 3) and labels.tolist() == [0, 0, 1]
+    for item, image in zip(items, images):
+        np.testing.assert_array_equal(image, model_input_from_file(str(item.path), item.kind)[0])
+    assert images[2].min() == 0 and images[2].max() == 255  # the 16-bit PNG spans the grey range
+
+
+def test_undecodable_training_images_are_left_out_and_reported(tmp_path):
+    """A truncated JPEG among the training images: named in the log with its error, and the run
+    trains and validates on the others."""
+    from pneumonia_batch.train import train
+
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(ROOT / "examples" / "studies" / f"paediatric-{label.lower()}", data / label)
+    cut = data / "PNEUMONIA" / "person1_bacteria_1.jpeg"
+    cut.write_bytes((data / "PNEUMONIA" / "person1946_bacteria_4874.jpeg").read_bytes()[:20000])
+    out, logged = tmp_path / "m.keras", []
+    with untraced_steps():
+        train(data, out, parse_schedule("224:1"), batch_size=2, val_fraction=0.5, run_dir=tmp_path / "run",
+              log=logged.append)
+    assert logged[0] == (f"1 files under {data} not used: error: OSError: image file is truncated "
+                         "(3 bytes not processed) (1)")
+    assert logged[1].startswith("training on 2 images, validating on 2 (2 patients held out)")
+    saved = json.loads(metadata_path(out).read_text())
+    assert (saved["training"]["n_train"], saved["validation"]["n_images"]) == (2, 2)
 
 
 def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
@@ -549,6 +605,10 @@ def test_batchnorm_statistics_become_means_over_the_data():
     (["--val-fraction", "0"], "--val-fraction"),
     (["--batch-size", "0"], "--batch-size"),
     (["--limit", "0"], "--limit"),
+    # unwritable outputs are refused before training, not after it (/sys refuses even root)
+    (["--out", "/sys/m.keras"], "--out /sys/m.keras: cannot write in /sys"),
+    (["--out", "README.md/m.keras"], "README.md is not a folder"),
+    (["--run-dir", "/sys/run"], "--run-dir /sys/run/progress.json: cannot write in /sys"),
 ])
 def test_inconsistent_training_options_are_usage_errors(args, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path),
@@ -586,6 +646,157 @@ def test_a_run_refused_over_its_data_leaves_no_folders(tmp_path):
     assert result.returncode == 1 and "holds neither a train split" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "not-kermany"]
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("normal_patients, val_fraction, message", [
+    (1, "0.1", "--val-fraction 0.1 holds out all 1 NORMAL patient(s) for validation and leaves none to train on"),
+    (3, "0.9", "--val-fraction 0.9 holds out all 3 NORMAL patient(s) for validation and leaves none to train on"),
+])
+def test_a_split_that_leaves_a_class_nothing_to_train_on_is_a_usage_error(normal_patients, val_fraction, message,
+                                                                        tmp_path):
+    data, workdir = tmp_path / "data", tmp_path / "cwd"
+    workdir.mkdir()
+    jpeg = ROOT / "examples" / "studies" / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
+    for label, names in (("NORMAL", [f"IM-{n:04d}-0001.jpeg" for n in range(normal_patients)]),
+                         ("PNEUMONIA", [f"person{n}_virus_{n}.jpeg" for n in range(3)])):
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(jpeg, data / label / name)
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
+                             str(tmp_path / "new" / "m.keras"), "--val-fraction", val_fraction],
+                            capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "data"] and list(workdir.iterdir()) == []
+
+
+def test_a_model_save_that_fails_midway_leaves_the_previous_model(tmp_path):
+    """Keras writes straight into the file it is given: the model is saved under a temporary name
+    with its suffix (Keras picks the format from it), then renamed over the previous one."""
+    import keras
+
+    from pneumonia_batch.atomic import save_atomic
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    for name in ("m.keras", "m.h5"):
+        out = tmp_path / name
+        out.write_bytes(b"the previous model")
+
+        def killed_midway(path):
+            model.save(path)
+            with open(path, "r+b") as handle:
+                handle.truncate(100)
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            save_atomic(out, killed_midway, suffix=out.suffix)
+        assert out.read_bytes() == b"the previous model"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.glob("m.*"))
+        save_atomic(out, model.save, suffix=out.suffix)
+        np.testing.assert_array_equal(keras.models.load_model(out).get_layer(index=0).get_weights()[0],
+                                      model.get_layer(index=0).get_weights()[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5", "m.keras"]
+
+
+def test_history_files_are_replaced_whole(tmp_path):
+    """A history CSV and curves PNG being rewritten are replaced by a rename: a hard link to the
+    previous files (as a backup or a sync tool holds) still shows them whole."""
+    from pneumonia_batch.train import _write_history
+
+    def row(epoch):
+        return {"epoch": epoch, "size": 224, "loss": 0.5 / epoch, "val_loss": 0.6 / epoch, "accuracy": 0.8,
+                "val_accuracy": 0.7, "auc": 0.9, "val_auc": 0.85, "learning_rate": 1e-4}
+
+    out = tmp_path / "m.keras"
+    written = _write_history(out, [row(1)])
+    before = {path: path.read_bytes() for path in written}
+    for path in written:
+        os.link(path, tmp_path / f"{path.name}.backup")
+    assert _write_history(out, [row(1), row(2)]) == written
+    assert len(written[0].read_text().splitlines()) == 3
+    for path, content in before.items():
+        assert (tmp_path / f"{path.name}.backup").read_bytes() == content != path.read_bytes()
+
+
+@pytest.mark.parametrize("damaged", ["epoch-002.weights.h5", "epoch-002.optimizer.npz"])
+def test_a_damaged_checkpoint_is_named_on_resume(damaged, tiny_training, tmp_path):
+    out, _, _ = tiny_training
+    run_dir = tmp_path / "run"
+    shutil.copytree(out.parent / "run", run_dir)
+    with open(run_dir / damaged, "r+b") as handle:  # cut off, as by a full disk
+        handle.truncate(os.path.getsize(run_dir / damaged) // 2)
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(run_dir), "--resume", "--limit", "4",
+                             "--batch-size", "4", "--schedule", "32:1,224:2"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot resume: {run_dir / damaged} is damaged (" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.keras").exists()
+
+
+def test_optimiser_state_for_other_variables_is_told_from_none_saved(tmp_path):
+    import keras
+
+    from pneumonia_batch.train import _restore_optimizer, _save_optimizer
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    _save_optimizer(model.optimizer, tmp_path / "ours.npz")
+    np.savez(tmp_path / "other.npz", np.zeros(()), np.zeros(()), np.zeros((5, 5)))
+    assert _restore_optimizer(model, tmp_path / "ours.npz", 3) == "restored the optimiser state of epoch 3"
+    assert _restore_optimizer(model, tmp_path / "other.npz", 3) == (
+        "the optimiser state saved after epoch 3 (other.npz) belongs to other trainable variables: Adam restarts")
+    assert _restore_optimizer(model, tmp_path / "none.npz", 3) == "no optimiser state saved after epoch 3: Adam restarts"
+
+
+def test_a_resume_with_another_split_is_refused(tmp_path):
+    """The run folder pins the validation split: a resume with another --seed or --val-fraction
+    would choose its checkpoint on images earlier epochs were trained on."""
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    split = {"data": str((KERMANY / "train").resolve()), "seed": 0, "val_fraction": 0.1, "limit": None}
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 1, "history": [], "split": split}))
+    (run_dir / "epoch-001.weights.h5").write_bytes(b"one epoch of training")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(run_dir), "--resume", "--seed", "1",
+                             "--val-fraction", "0.2"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"cannot resume: {run_dir / 'progress.json'} records a run with --seed 0 (this run: 1); "
+            "--val-fraction 0.1 (this run: 0.2). A resume must keep") in result.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_fine_tuning_keeps_the_start_models_validation_split_on_its_data(tmp_path):
+    """With another --seed, the shipped model's own training data would give a validation split
+    made mostly of images it was trained on: refused.  On other data, any split is fine."""
+    from pneumonia_batch.train import OptionError, _check_start_split
+
+    if not KERMANY.is_dir():
+        pytest.skip("training data not available")
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(tmp_path / "run"), "--from-model",
+                             "weights/densenet121_pneumonia.keras", "--seed", "1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"--from-model densenet121_pneumonia.keras was trained on {(KERMANY / 'train').resolve()} with "
+            "--seed 0 (this run: 1): this run's validation split would hold images it was trained on"
+            ) in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    started_from = {"model": "start.keras", "training": {"data": str(tmp_path / "train"), "seed": 0,
+                                                         "validation_fraction": 0.1, "limit_per_class": None}}
+    split = {"data": str(tmp_path / "train"), "seed": 0, "val_fraction": 0.1, "limit": None}
+    _check_start_split(started_from, split)
+    with pytest.raises(OptionError, match=r"with --val-fraction 0.1 \(this run: 0.2\): this run's"):
+        _check_start_split(started_from, {**split, "val_fraction": 0.2, "limit": 4})
+    # a smoke run takes part of each side of the same split: no image crosses
+    _check_start_split(started_from, {**split, "limit": 4})
+    _check_start_split(started_from, {**split, "data": str(tmp_path / "other" / "train"), "seed": 1})
 
 
 def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
@@ -636,3 +847,4 @@ def test_the_shipped_models_recorded_validation_figures_come_out_again(tmp_path)
         assert again["validation"][at]["confusion_matrix"] == recorded["validation"][at]["confusion_matrix"]
     assert again["validation"]["roc_auc"] == pytest.approx(recorded["validation"]["roc_auc"], abs=1e-4)
     assert again["threshold"]["value"] == pytest.approx(recorded["threshold"]["value"], abs=1e-4)
+
