@@ -67,3 +67,16 @@ def fsync_path(path: Path) -> None:
 
 def write_json_atomic(path: Path, payload) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def cannot_write_in(folder: Path) -> str:
+    """Why a file cannot be made in ``folder``, or "" when it can.  Found by trying, as the
+    atomic write or SQLite will: mode bits say nothing of a read-only mount."""
+    if not folder.is_dir():
+        return f"{folder} " + ("is not a folder" if folder.exists() else "does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder}: {exc.strerror}"
+    return ""

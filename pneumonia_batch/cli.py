@@ -7,12 +7,12 @@ import os
 import signal
 import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .atomic import cannot_write_in
 from .inference import RUNTIMES
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
 
@@ -330,13 +330,8 @@ def _check_writable(option: str, path: Path, also_beside_link: bool = False) -> 
     real = Path(os.path.realpath(path))  # a symlink is written through to its target
     folders = {real.parent, path.absolute().parent} if also_beside_link else {real.parent}
     for folder in sorted(folders):
-        if not folder.is_dir():
-            _fatal(f"{option}: {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
-        try:  # what the atomic write or SQLite will do there; mode bits say nothing of a read-only mount
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as exc:
-            _fatal(f"{option}: cannot write in {folder}: {exc.strerror}")
+        if problem := cannot_write_in(folder):
+            _fatal(f"{option}: {problem}")
 
 
 def _check_appendable(option: str, path: Path) -> None:

@@ -28,12 +28,11 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .atomic import fsync_path, save_atomic, write_atomic, write_json_atomic
+from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, write_json_atomic
 from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, resolve_split,
                       split_by_patient)
 from .discover import count_reasons
@@ -156,13 +155,8 @@ def _check_writable(option: str, path: Path) -> None:
     folder = Path(os.path.realpath(path)).parent  # a symlink is written through to its target
     while not folder.exists():  # the run makes the missing folders
         folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{option} {path}: {folder} is not a folder")
-    try:  # what the write will do there; mode bits say nothing of a read-only mount
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
+    if problem := cannot_write_in(folder):
+        raise ValueError(f"{option} {path}: {problem}")
 
 
 def image_dataset(items: list[LabelledImage], size: int, batch_size: int,

@@ -847,4 +847,3 @@ def test_the_shipped_models_recorded_validation_figures_come_out_again(tmp_path)
         assert again["validation"][at]["confusion_matrix"] == recorded["validation"][at]["confusion_matrix"]
     assert again["validation"]["roc_auc"] == pytest.approx(recorded["validation"]["roc_auc"], abs=1e-4)
     assert again["threshold"]["value"] == pytest.approx(recorded["threshold"]["value"], abs=1e-4)
-
