@@ -86,6 +86,13 @@ def _copy_refusal(path: Path, real_root: Path) -> str:
     return "" if stat.S_ISREG(mode) else "not a regular file"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the source gone since the scan: the export made earlier stays
+        return False
+
+
 def _copy(source: Path, target: Path) -> None:
     """A copy of the content with its modification time, never a hard link or the link itself.
 
@@ -94,7 +101,7 @@ def _copy(source: Path, target: Path) -> None:
     renamed: a run stopped half-way through it leaves no truncated file that later runs would
     take for the export.
     """
-    if target.is_file():
+    if target.is_file() and not _same_file(source, target):  # an older export's hard link is replaced
         return
     partial = target.with_name(f".{target.name}.partial")
     try:
@@ -151,7 +158,8 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     _copy(item.path, _inside(export_dir, folder / name))
                 except OSError as exc:  # gone since the scan, a full disk: listed, and retried
                     entry.update(exported_as=None, export_error=exc.strerror or str(exc))
-                    problems.append(f"{item.rel}: {entry['export_error']}")
+                    if item.status != "error":  # one screening could not read either is its error row
+                        problems.append(f"{item.rel}: {entry['export_error']}")
             if item in scored and entry["exported_as"]:
                 # Named by the model too: a model update draws its own heatmaps, never shows the last one's.
                 overlay_name = f"overlay_{name}.model-{info.sha256[:8]}.png"

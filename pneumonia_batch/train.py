@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,9 +51,9 @@ PLATEAU_PATIENCE = 1
 # backbone layers stay frozen after the head has been trained.
 UNFREEZE_FROM_LAYER = 100
 
-# What makes a validation split, and the option that sets each: a run and its resumes must agree
-# on all of them, or the epochs of one split would be chosen on another.
-SPLIT_OPTIONS = {"data": "DATA_DIR", "seed": "--seed", "val_fraction": "--val-fraction", "limit": "--limit"}
+# The options that make a validation split: a run and its resumes must agree on them, and on the
+# validation images themselves, or the epochs of one split would be chosen on another.
+SPLIT_OPTIONS = {"seed": "--seed", "val_fraction": "--val-fraction", "limit": "--limit"}
 
 
 class OptionError(ValueError):
@@ -171,7 +173,10 @@ def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
     import tensorflow as tf
 
     def decode(path, kind):
-        return model_input_from_file(os.fsdecode(path), kind.decode())[0]
+        try:
+            return model_input_from_file(os.fsdecode(path), kind.decode())[0]
+        except Exception as exc:  # changed since it was listed: TensorFlow's message would not name it
+            raise OSError(f"{os.fsdecode(path)}: {type(exc).__name__}: {exc}") from exc
 
     def load(path, kind, label):
         image = tf.numpy_function(decode, [path, kind], tf.uint8, stateful=False)
@@ -300,6 +305,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     Returns the saved model (in memory) and its metadata.
     """
     import keras
+    import tensorflow as tf
 
     from .evaluate import calibrate_model
 
@@ -318,17 +324,6 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                                 f"{run.progress} records, is missing")
 
     train_dir = resolve_split(data_dir, "train")
-    split = {"data": str(train_dir.resolve()), "seed": seed, "val_fraction": val_fraction, "limit": limit}
-    # a run folder from before splits were recorded takes this run's
-    differing = _split_differences(progress.setdefault("split", split), split)
-    if differing:
-        raise OptionError(f"cannot resume: {run.progress} records a run with {'; '.join(differing)}. A "
-                          "resume must keep the run's validation split: give its options, or start "
-                          "afresh in another --run-dir")
-    if from_model is not None and "started_from" not in progress:
-        progress["started_from"] = _started_from(from_model)
-    if "started_from" in progress:
-        _check_start_split(progress["started_from"], split)
     items, unused = list_training(train_dir)
     if unused:
         log(f"{len(unused)} files under {train_dir} not used: {count_reasons(u.reason for u in unused)}")
@@ -336,6 +331,15 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     _require_both_classes(items, train_items, val_fraction)
     if limit:  # tiny runs for tests and smoke checks
         train_items, val_items = _take_each_class(train_items, limit), _take_each_class(val_items, limit)
+    # the folder is only recorded: data copied or moved elsewhere splits the same way
+    split = {"data": str(train_dir.resolve()), "seed": seed, "val_fraction": val_fraction, "limit": limit,
+             "validation_sha256": _names_digest(val_items, train_dir)}
+    # a run folder from before splits were recorded takes this run's
+    _check_resume_split(progress.setdefault("split", split), split, run.progress)
+    if from_model is not None and "started_from" not in progress:
+        progress["started_from"] = _started_from(from_model)
+    if "started_from" in progress:
+        _check_start_split(progress["started_from"], items, val_items)
     weights = class_weights(train_items)
     log(f"training on {len(train_items)} images, validating on {len(val_items)} "
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
@@ -352,7 +356,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         log(f"starting from the weights of {from_model}")
     # created only now, so a run refused over its data or start weights leaves no empty folders
     run.root.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(out)).parent.mkdir(parents=True, exist_ok=True)  # --out may be a link to a new folder
 
     epoch_start = 0
     for index, phase in enumerate(schedule):
@@ -385,9 +389,13 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         log(f"phase {index + 1}/{len(schedule)}: {phase.size}px, epochs "
             f"{first_epoch + 1}-{epoch_end}, lr {learning_rate:g}"
             + (", backbone frozen" if phase.frozen_backbone else ""))
-        model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
-                  shuffle=False,  # train_ds shuffles itself
-                  initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
+        try:
+            model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
+                      shuffle=False,  # train_ds shuffles itself
+                      initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
+        except tf.errors.OpError as exc:  # a file changed or removed since it was listed, a full disk
+            raise ValueError(f"training stopped in epoch {progress['completed_epochs'] + 1}: {_cause(exc)} "
+                             "(the epochs before it are kept: --resume continues)") from exc
         epoch_start = epoch_end
 
     final = build_model(INPUT_SIZE, init="random", seed=seed)
@@ -498,30 +506,51 @@ def _started_from(model_path: Path) -> dict:
             "training": meta.get("training"), "validation": meta.get("validation")}
 
 
-def _split_differences(recorded: dict, split: dict) -> list[str]:
-    """The options (of those ``recorded``) by which ``split`` differs, with both values."""
+def _names_digest(items: list[LabelledImage], folder: Path) -> str:
+    """sha256 of the images' names under ``folder``: the same images give the same digest wherever
+    the folder lies."""
+    names = sorted(Path(i.path).relative_to(folder).as_posix() for i in items)
+    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> None:
+    """A resume must validate on the run's own validation images (of those ``recorded``)."""
     def shown(value):
         return "none" if value is None else value
 
-    return [f"{option} {shown(recorded[key])} (this run: {shown(split[key])})"
-            for key, option in SPLIT_OPTIONS.items() if key in recorded and recorded[key] != split[key]]
-
-
-def _check_start_split(started_from: dict, split: dict) -> None:
-    """Refuse a validation split that would hold images the start model was trained on: one made
-    of the data the start model was trained on with another seed or fraction (a --limit takes
-    part of each side of the same split, so it moves no image across).  A start model trained on
-    other data, or without a training record, is fine-tuned on any split."""
-    training = started_from.get("training") or {}
-    # a relative folder, as older models recorded it, is taken from the working folder, as it was given
-    if "data" not in training or str(Path(training["data"]).resolve()) != split["data"]:
-        return
-    recorded = {"seed": training.get("seed"), "val_fraction": training.get("validation_fraction")}
-    differing = _split_differences(recorded, split)
+    differing = [f"{option} {shown(recorded[key])} (this run: {shown(split[key])})"
+                 for key, option in SPLIT_OPTIONS.items() if key in recorded and recorded[key] != split[key]]
     if differing:
-        raise OptionError(f"--from-model {started_from['model']} was trained on {split['data']} with "
-                          f"{'; '.join(differing)}: this run's validation split would hold images it was "
-                          "trained on. Give its options, or fine-tune on other data")
+        raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
+                          "resume must keep the run's validation split: give its options, or start "
+                          "afresh in another --run-dir")
+    if recorded.get("validation_sha256", split["validation_sha256"]) != split["validation_sha256"]:
+        raise OptionError(f"cannot resume: the validation images differ from those {progress_file} records: "
+                          f"images were added, removed or renamed under {split['data']} since the run "
+                          "started (or this is other data). Restore them, or start afresh in another --run-dir")
+
+
+def _check_start_split(started_from: dict, items: list[LabelledImage], val_items: list[LabelledImage]) -> None:
+    """Refuse to validate on images the start model was trained on.  Its training record rebuilds
+    its split of ``items`` when these are its data (they split into its recorded sizes), wherever
+    the folder now lies; on other data there is nothing to overlap."""
+    training = started_from.get("training") or {}
+    try:
+        seed, fraction = training["seed"], training["validation_fraction"]
+        sizes = (training["n_train"], training["n_validation"])
+    except KeyError:  # no record to rebuild from
+        return
+    if training.get("limit_per_class"):  # a smoke run: its record does not rebuild its split
+        return
+    start_train, start_val = split_by_patient(items, fraction, seed)
+    if (len(start_train), len(start_val)) != tuple(sizes):
+        return
+    trained_on = {i.path for i in start_train}
+    overlap = sum(i.path in trained_on for i in val_items)
+    if overlap:
+        raise OptionError(f"--from-model {started_from['model']} was trained on {overlap} of this run's "
+                          f"{len(val_items)} validation images (it was trained on this data with --seed "
+                          f"{seed} --val-fraction {fraction:g}): give those, or fine-tune on other data")
 
 
 def _require_both_classes(items: list[LabelledImage], train_items: list[LabelledImage],
@@ -538,10 +567,18 @@ def _require_both_classes(items: list[LabelledImage], train_items: list[Labelled
                               f"patients in both parts (a smaller --val-fraction, or more {name} patients)")
 
 
-def _damaged(path: Path, exc: Exception) -> ValueError:
+def _cause(error) -> str:
+    """The Python error inside a TensorFlow error (raised in a tf.data function: its traceback's
+    last line), else the first line."""
+    lines = [line.strip() for line in error.message.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+    return raised[-1] if raised else lines[0] if lines else type(error).__name__
+
+
+def _damaged(path: Path, exc: Exception, way_on: str = "") -> ValueError:
     """A resume's refusal of a checkpoint file that cannot be read, naming it."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ValueError(f"cannot resume: {path} is damaged ({reason})")
+    return ValueError(f"cannot resume: {path} is damaged ({reason})" + (f"; {way_on}" if way_on else ""))
 
 
 def best_224_epoch(history: list[dict]) -> int | None:
@@ -579,7 +616,7 @@ def _restore_optimizer(model, path: Path, epoch: int) -> str:
         with np.load(path) as saved:
             arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     except Exception as exc:  # zipfile, zlib and numpy raise many types for a damaged file
-        raise _damaged(path, exc) from exc
+        raise _damaged(path, exc, "delete it to go on with a fresh Adam state") from exc
     if [a.shape for a in arrays] != [tuple(v.shape) for v in optimizer.variables]:
         return (f"the optimiser state saved after epoch {epoch} ({path.name}) belongs to other "
                 "trainable variables: Adam restarts")

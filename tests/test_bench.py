@@ -16,7 +16,7 @@ def test_too_few_files_are_refused_before_any_work(monkeypatch, tmp_path, capsys
     assert f"--files must be at least {bench.MIN_FILES}" in capsys.readouterr().err
 
 
-def test_the_minimum_gives_screening_three_batches(monkeypatch, tmp_path):
+def test_the_smallest_corpus_that_gives_three_screening_batches_is_accepted(monkeypatch, tmp_path):
     assert bench.MIN_FILES == 2 * bench.SCREEN_BATCH + 1
 
     class Reached(Exception):

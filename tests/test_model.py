@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,10 @@ def test_training_writes_model_metadata_history_and_threshold(tiny_training):
     assert sorted(p.name for p in out.parent.iterdir()) == [  # no temporary file left behind
         "run", "tiny.curves.png", "tiny.history.csv", "tiny.json", "tiny.keras"]
     # the split is pinned for any resume of the run
-    assert json.loads((out.parent / "run" / "progress.json").read_text())["split"] == {
+    split = json.loads((out.parent / "run" / "progress.json").read_text())["split"]
+    assert {k: split[k] for k in ("data", "seed", "val_fraction", "limit")} == {
         "data": str((KERMANY / "train").resolve()), "seed": 0, "val_fraction": 0.1, "limit": 4}
+    assert re.fullmatch("[0-9a-f]{64}", split["validation_sha256"])
     assert saved["training"]["data"] == str((KERMANY / "train").resolve())
 
 
@@ -771,32 +774,70 @@ def test_a_resume_with_another_split_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_fine_tuning_keeps_the_start_models_validation_split_on_its_data(tmp_path):
+def small_labelled_folder(folder: Path, patients: int) -> Path:
+    jpeg = ROOT / "examples" / "studies" / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
+    for n in range(patients):
+        for label, name in (("NORMAL", f"IM-{n:04d}-0001.jpeg"), ("PNEUMONIA", f"person{n}_virus_{n}.jpeg")):
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(jpeg, folder / label / name)
+    return folder
+
+
+def test_a_resume_follows_its_validation_images_not_their_folder(tmp_path):
+    """Data moved to another disk resumes; data whose validation images changed does not."""
+    from pneumonia_batch.dataset import list_training, split_by_patient
+    from pneumonia_batch.train import OptionError, _check_resume_split, _names_digest
+
+    def split_of(folder):
+        _, val = split_by_patient(list_training(folder)[0], 0.5, 0)
+        return val, {"data": str(folder), "seed": 0, "val_fraction": 0.5, "limit": None,
+                     "validation_sha256": _names_digest(val, folder)}
+
+    first = small_labelled_folder(tmp_path / "disk1" / "train", 6)
+    _, recorded = split_of(first)
+    moved = tmp_path / "disk2" / "train"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    _check_resume_split(recorded, split_of(moved)[1], tmp_path / "progress.json")
+    validation, _ = split_of(moved)
+    validation[0].path.unlink()
+    with pytest.raises(OptionError, match="the validation images differ from those .*progress.json records: "
+                                          "images were added, removed or renamed under .*disk2/train"):
+        _check_resume_split(recorded, split_of(moved)[1], tmp_path / "progress.json")
+
+
+def test_fine_tuning_never_validates_on_the_start_models_training_images(tmp_path):
     """With another --seed, the shipped model's own training data would give a validation split
-    made mostly of images it was trained on: refused.  On other data, any split is fine."""
+    made mostly of images it was trained on: refused, from any working folder.  On other data,
+    or on its own split, fine."""
+    from pneumonia_batch.dataset import list_training, split_by_patient
     from pneumonia_batch.train import OptionError, _check_start_split
 
     if not KERMANY.is_dir():
         pytest.skip("training data not available")
-    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY), "--out",
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(KERMANY.resolve()), "--out",
                              str(tmp_path / "m.keras"), "--run-dir", str(tmp_path / "run"), "--from-model",
-                             "weights/densenet121_pneumonia.keras", "--seed", "1"],
-                            capture_output=True, text=True, cwd=ROOT)
+                             str(ROOT / "weights" / "densenet121_pneumonia.keras"), "--seed", "1"],
+                            capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert (f"--from-model densenet121_pneumonia.keras was trained on {(KERMANY / 'train').resolve()} with "
-            "--seed 0 (this run: 1): this run's validation split would hold images it was trained on"
-            ) in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert re.search(r"--from-model densenet121_pneumonia.keras was trained on \d{3} of this run's \d{3} "
+                     r"validation images \(it was trained on this data with --seed 0 --val-fraction 0.1\)",
+                     result.stderr), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"] and list(workdir.iterdir()) == []
 
-    started_from = {"model": "start.keras", "training": {"data": str(tmp_path / "train"), "seed": 0,
-                                                         "validation_fraction": 0.1, "limit_per_class": None}}
-    split = {"data": str(tmp_path / "train"), "seed": 0, "val_fraction": 0.1, "limit": None}
-    _check_start_split(started_from, split)
-    with pytest.raises(OptionError, match=r"with --val-fraction 0.1 \(this run: 0.2\): this run's"):
-        _check_start_split(started_from, {**split, "val_fraction": 0.2, "limit": 4})
-    # a smoke run takes part of each side of the same split: no image crosses
-    _check_start_split(started_from, {**split, "limit": 4})
-    _check_start_split(started_from, {**split, "data": str(tmp_path / "other" / "train"), "seed": 1})
+    items = list_training(small_labelled_folder(tmp_path / "data", 10))[0]
+    own_train, own_val = split_by_patient(items, 0.2, 0)
+    record = {"model": "start.keras", "training": {"seed": 0, "validation_fraction": 0.2, "limit_per_class": None,
+                                                   "n_train": len(own_train), "n_validation": len(own_val)}}
+    _check_start_split(record, items, own_val)
+    _check_start_split(record, items, own_val[:2])  # a --limit takes part of the same split
+    other_val = split_by_patient(items, 0.2, 1)[1]
+    assert set(i.path for i in other_val) != set(i.path for i in own_val)
+    with pytest.raises(OptionError, match=r"was trained on \d of this run's 4 validation images"):
+        _check_start_split(record, items, other_val)
+    _check_start_split(record, items[2:], split_by_patient(items[2:], 0.2, 1)[1])  # other data: no overlap known
 
 
 def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
@@ -847,3 +888,20 @@ def test_the_shipped_models_recorded_validation_figures_come_out_again(tmp_path)
         assert again["validation"][at]["confusion_matrix"] == recorded["validation"][at]["confusion_matrix"]
     assert again["validation"]["roc_auc"] == pytest.approx(recorded["validation"]["roc_auc"], abs=1e-4)
     assert again["threshold"]["value"] == pytest.approx(recorded["threshold"]["value"], abs=1e-4)
+
+
+def test_a_training_file_gone_since_it_was_listed_is_named(tmp_path):
+    """The run's message names the file, not TensorFlow's graph node."""
+    import tensorflow as tf
+
+    from pneumonia_batch.dataset import LabelledImage
+    from pneumonia_batch.train import _cause, image_dataset
+
+    path = tmp_path / "IM-0001-0001.jpeg"
+    shutil.copy(ROOT / "examples" / "studies" / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg", path)
+    dataset = image_dataset([LabelledImage(path, 0, "jpeg")], 224, 1, augment=False, seed=0)
+    path.unlink()
+    with pytest.raises(tf.errors.OpError) as caught:
+        list(dataset)
+    assert _cause(caught.value) == (f"OSError: {path}: FileNotFoundError: [Errno 2] No such file or "
+                                    f"directory: '{path}'")

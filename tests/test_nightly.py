@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -794,3 +795,41 @@ def test_an_export_folder_named_through_a_dangling_link_is_a_clear_export_error(
     with pytest.raises(OSError, match=r"review is a link to .*unmounted/share, which does not exist"):
         export_flagged(tmp_path / "review", [], [], None, tmp_path / "studies")
     assert not (tmp_path / "unmounted").exists()
+
+
+def test_a_file_screening_could_not_read_is_listed_but_does_not_fail_the_export(tmp_path):
+    """Its error row already says so; counting it again would fail the export every night."""
+    studies = make_studies(tmp_path / "studies", 1)
+    unreadable = studies / "child000" / "second.jpeg"
+    shutil.copy(PNEUMONIA_JPEG, unreadable)
+    os.utime(unreadable, (OLD, OLD))
+    unreadable.chmod(0o000)
+    command = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r.csv"),
+               "--threshold", "0", "--export-flagged", str(tmp_path / "review"), "--no-progress"]
+    if os.geteuid() == 0:  # root reads anything: the run drops that power
+        if not shutil.which("capsh"):
+            pytest.skip("capsh is needed to run without root's permission override")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 1, result.stderr
+    assert "1 file errors" in result.stderr and "review export failed" not in result.stderr
+    (result_file,) = (tmp_path / "review").glob("*/result.json")
+    images = {i["file"]: i for i in json.loads(result_file.read_text())["images"]}
+    assert images["child000/second.jpeg"]["status"] == "error"
+    assert images["child000/second.jpeg"]["export_error"] == "Permission denied"
+    assert images["child000/cxr.jpeg"]["exported_as"] and images["child000/cxr.jpeg"]["overlay"]
+
+
+def test_an_older_exports_hard_link_is_replaced_by_a_copy(tmp_path):
+    from pneumonia_batch import export
+
+    source, target = tmp_path / "cxr.jpeg", tmp_path / "review" / "0123_cxr.jpeg"
+    shutil.copy(NORMAL_JPEG, source)
+    target.parent.mkdir()
+    os.link(source, target)
+    export._copy(source, target)
+    assert not os.path.samefile(source, target) and source.stat().st_nlink == 1
+    assert target.read_bytes() == source.read_bytes()
+    source.unlink()  # gone since the scan: the copy made earlier stays
+    export._copy(source, target)
+    assert target.read_bytes() == NORMAL_JPEG.read_bytes()
