@@ -1,8 +1,8 @@
 """Grad-CAM shows where the pneumonia score comes from, and the overlay puts it over that place.
 
 The model is built here so that its pneumonia score depends on the top-right quadrant of the image
-only: a fixed mask zeroes the other three before the last convolutions.  Top-right is the one
-quadrant that no flip or transpose of a map leaves in place.
+only, while its last feature maps are active everywhere.  Top-right is the one quadrant that no
+flip or transpose of a map leaves in place.
 """
 
 import numpy as np
@@ -23,28 +23,30 @@ def top_right(plane: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    """Positive convolutions and a head that reads pneumonia from every channel: the heat is
-    positive exactly where the unmasked features are."""
+    """Positive convolutions, then the last spatial layer: the features masked to the top-right
+    quadrant, which the head reads for pneumonia, beside the same features unmasked, which it
+    ignores.  Only the gradient tells the two apart: a map of the activations alone would light up
+    everywhere."""
     import keras
 
-    class TopRightOnly(keras.layers.Layer):
+    class TopRightBesideAll(keras.layers.Layer):
         def call(self, x):
             mask = np.zeros((1, x.shape[1], x.shape[2], 1), np.float32)
             top_right(mask[0])[:] = 1
-            return x * mask
+            return keras.ops.concatenate([x * mask, x], axis=-1)
 
     keras.utils.set_random_seed(0)
     positive = keras.initializers.RandomUniform(0.0, 0.1, seed=0)
-    head = np.zeros((8, 2), np.float32)
-    head[:, PNEUMONIA_INDEX] = 0.05  # small enough that the softmax is not saturated
+    head = np.zeros((16, 2), np.float32)
+    head[:8, PNEUMONIA_INDEX] = 0.05  # small enough that the softmax is not saturated
     conv = dict(strides=2, padding="same", activation="relu", kernel_initializer=positive)
     classifier = keras.Sequential([
         keras.Input((INPUT_SIZE, INPUT_SIZE, 3)),
         keras.layers.Conv2D(4, 3, **conv),
         keras.layers.Conv2D(8, 3, **conv),
-        TopRightOnly(),
         keras.layers.Conv2D(8, 3, **conv),
-        keras.layers.Conv2D(8, 3, **conv),  # the last spatial layer: 14 x 14
+        keras.layers.Conv2D(8, 3, **conv),
+        TopRightBesideAll(),  # the last spatial layer: 14 x 14
         keras.layers.GlobalAveragePooling2D(),
         keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.Constant(head)),
     ])
@@ -62,7 +64,7 @@ def pneumonia(model, batch: np.ndarray) -> np.ndarray:
 def test_the_score_comes_from_the_top_right_quadrant_only(model):
     batch = to_model_input(xray(300, 200, 0))[None]
     outside, inside = batch.copy(), batch.copy()
-    outside[:, INPUT_SIZE // 2 + 8:] = 0  # bottom half, clear of the quadrant's edge
+    outside[:, INPUT_SIZE // 2 + 24:] = 0  # bottom half, clear of what the quadrant's features see
     top_right(inside[0])[:] = 0
     assert 0.5 < pneumonia(model, batch)[0] < 0.99  # a saturated score would have no gradient
     assert np.allclose(pneumonia(model, outside), pneumonia(model, batch))
