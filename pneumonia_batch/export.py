@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import errno
 import hashlib
 import html
 import io
@@ -30,6 +31,8 @@ from .model import ModelInfo
 from .report import safe_cell
 
 RESULT_FILE = "result.json"
+# a file screening could not read, failing to copy for the same reason, is no export failure
+UNREADABLE = (errno.EACCES, errno.EPERM, errno.ENOENT)
 THUMBNAIL_PREFIX = "data:image/jpeg;base64,"
 RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                           *(f"LPT{i}" for i in range(1, 10))}
@@ -158,7 +161,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     _copy(item.path, _inside(export_dir, folder / name))
                 except OSError as exc:  # gone since the scan, a full disk: listed, and retried
                     entry.update(exported_as=None, export_error=exc.strerror or str(exc))
-                    if item.status != "error":  # one screening could not read either is its error row
+                    if not (item.status == "error" and exc.errno in UNREADABLE):  # its error row says so
                         problems.append(f"{item.rel}: {entry['export_error']}")
             if item in scored and entry["exported_as"]:
                 # Named by the model too: a model update draws its own heatmaps, never shows the last one's.

@@ -176,7 +176,8 @@ def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
         try:
             return model_input_from_file(os.fsdecode(path), kind.decode())[0]
         except Exception as exc:  # changed since it was listed: TensorFlow's message would not name it
-            raise OSError(f"{os.fsdecode(path)}: {type(exc).__name__}: {exc}") from exc
+            message = f"{os.fsdecode(path)}: {type(exc).__name__}: {exc}"
+            raise OSError(message.encode("utf-8", "backslashreplace").decode()) from exc  # TensorFlow wants UTF-8
 
     def load(path, kind, label):
         image = tf.numpy_function(decode, [path, kind], tf.uint8, stateful=False)
@@ -339,7 +340,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     if from_model is not None and "started_from" not in progress:
         progress["started_from"] = _started_from(from_model)
     if "started_from" in progress:
-        _check_start_split(progress["started_from"], items, val_items)
+        _check_start_split(progress["started_from"], items, val_items, log)
     weights = class_weights(train_items)
     log(f"training on {len(train_items)} images, validating on {len(val_items)} "
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
@@ -393,9 +394,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             model.fit(train_ds, validation_data=val_ds, class_weight=weights, verbose=2,
                       shuffle=False,  # train_ds shuffles itself
                       initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
-        except tf.errors.OpError as exc:  # a file changed or removed since it was listed, a full disk
+        except tf.errors.OpError as exc:  # a file removed, or no longer decoding, since it was listed
             raise ValueError(f"training stopped in epoch {progress['completed_epochs'] + 1}: {_cause(exc)} "
-                             "(the epochs before it are kept: --resume continues)") from exc
+                             "(the epochs before it are kept: restore the file, then --resume)") from exc
         epoch_start = epoch_end
 
     final = build_model(INPUT_SIZE, init="random", seed=seed)
@@ -454,6 +455,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             "history_csv": history_csv.name,
             "curves_png": curves_png.name,
             "limit_per_class": limit,
+            # last, being long: so a model fine-tuned from this one is never validated on these patients
+            "training_patients": sorted({patient_of(i.path) for i in train_items}),
         },
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": __version__,
@@ -524,33 +527,52 @@ def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> Non
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume must keep the run's validation split: give its options, or start "
                           "afresh in another --run-dir")
-    if recorded.get("validation_sha256", split["validation_sha256"]) != split["validation_sha256"]:
+    if "validation_sha256" not in recorded:  # recorded before the digest: the folder is all there is
+        if recorded.get("data", split["data"]) != split["data"]:
+            raise OptionError(f"cannot resume: {progress_file} records a run on {recorded['data']} (this run: "
+                              f"{split['data']}). Give its data, or start afresh in another --run-dir")
+        recorded["validation_sha256"] = split["validation_sha256"]
+    if recorded["validation_sha256"] != split["validation_sha256"]:
         raise OptionError(f"cannot resume: the validation images differ from those {progress_file} records: "
                           f"images were added, removed or renamed under {split['data']} since the run "
                           "started (or this is other data). Restore them, or start afresh in another --run-dir")
 
 
-def _check_start_split(started_from: dict, items: list[LabelledImage], val_items: list[LabelledImage]) -> None:
-    """Refuse to validate on images the start model was trained on.  Its training record rebuilds
-    its split of ``items`` when these are its data (they split into its recorded sizes), wherever
-    the folder now lies; on other data there is nothing to overlap."""
+def _check_start_split(started_from: dict, items: list[LabelledImage], val_items: list[LabelledImage],
+                       log=print) -> None:
+    """Refuse to validate on patients the start model was trained on.  Its metadata lists them;
+    for a model from before that, its training record rebuilds its split of ``items`` when these
+    are its data (they split into its recorded sizes), wherever the folder now lies."""
     training = started_from.get("training") or {}
+    patients = training.get("training_patients")
+    if patients is None:
+        patients = _rebuilt_training_patients(training, items)
+    if patients is None:
+        log(f"cannot tell whether --from-model {started_from['model']} was trained on any of these "
+            "validation images: its metadata lists no training patients, and this is not exactly its "
+            "data. If it is (with images added or removed), its validation figures will be optimistic")
+        return
+    trained_on = set(patients)
+    overlap = sum(patient_of(i.path) in trained_on for i in val_items)
+    if overlap:
+        raise OptionError(f"--from-model {started_from['model']} was trained on the patients of {overlap} of "
+                          f"this run's {len(val_items)} validation images (it was trained with --seed "
+                          f"{training.get('seed')} --val-fraction {training.get('validation_fraction')}): "
+                          "its own split, or other data, is needed to validate it")
+
+
+def _rebuilt_training_patients(training: dict, items: list[LabelledImage]) -> list[str] | None:
     try:
         seed, fraction = training["seed"], training["validation_fraction"]
         sizes = (training["n_train"], training["n_validation"])
-    except KeyError:  # no record to rebuild from
-        return
+    except KeyError:
+        return None
     if training.get("limit_per_class"):  # a smoke run: its record does not rebuild its split
-        return
+        return None
     start_train, start_val = split_by_patient(items, fraction, seed)
     if (len(start_train), len(start_val)) != tuple(sizes):
-        return
-    trained_on = {i.path for i in start_train}
-    overlap = sum(i.path in trained_on for i in val_items)
-    if overlap:
-        raise OptionError(f"--from-model {started_from['model']} was trained on {overlap} of this run's "
-                          f"{len(val_items)} validation images (it was trained on this data with --seed "
-                          f"{seed} --val-fraction {fraction:g}): give those, or fine-tune on other data")
+        return None
+    return [patient_of(i.path) for i in start_train]
 
 
 def _require_both_classes(items: list[LabelledImage], train_items: list[LabelledImage],
