@@ -203,7 +203,8 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
                                               (signal.SIGTERM, 143, "terminated")])  # systemd's stop
 def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, code, word, tmp_path):
-    studies = make_studies(tmp_path / "studies", 16)
+    n = 48  # enough that the stop, sent once the first batch is stored, lands before the last one
+    studies = make_studies(tmp_path / "studies", n)
     state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
             "--state", str(state), "--log-file", str(log), "--batch-size", "2", "--no-progress"]
@@ -211,7 +212,7 @@ def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, cod
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                cwd=ROOT, start_new_session=True, preexec_fn=signals_as_at_a_terminal)
     deadline = time.time() + 300
-    while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < 16):
+    while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < n):
         time.sleep(0.05)
     workers = process_tree(process.pid)[1:]
     os.killpg(process.pid, stop)
@@ -226,10 +227,10 @@ def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, cod
     assert not (tmp_path / "r1.csv").exists()
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "run_interrupted"
     kept = image_rows(state)
-    assert 0 < len(kept) < 16, "the run was not caught half-way"
+    assert 0 < len(kept) < n, "the run was not caught half-way"
     result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
     assert result.returncode == 0, result.stderr
-    assert len(rows(tmp_path / "r2.csv")) == 16
+    assert len(rows(tmp_path / "r2.csv")) == n
     after = image_rows(state)
     assert all(after[rel] == kept[rel] for rel in kept)  # nothing scored twice
 
