@@ -134,6 +134,14 @@ def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledIma
     Refuses data that does not split into the recorded sizes: a threshold chosen
     on other images must not be recorded as chosen on the validation split.
     """
+    items, _ = list_training(resolve_split(data_dir, "train"))
+    return recorded_split(items, training, str(data_dir))[1]
+
+
+def recorded_split(items: list[LabelledImage], training: dict,
+                   where: str) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """``items`` split as a model's training record says, refused (ValueError) unless they split
+    into its recorded sizes, that is unless they are its data; ``where`` names them."""
     try:
         fraction, seed = training["validation_fraction"], training["seed"]
         recorded = training["n_train"], training["n_validation"]
@@ -143,14 +151,13 @@ def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledIma
     if training.get("limit_per_class"):
         raise ValueError(f"the model was trained with --limit {training['limit_per_class']} (a smoke run): its "
                          "validation split cannot be rebuilt; use --local with labelled images")
-    items, _ = list_training(resolve_split(data_dir, "train"))
     train, val = split_by_patient(items, fraction, seed)
     if (len(train), len(val)) != tuple(recorded):
-        raise ValueError(f"{data_dir} splits into {len(train)} training and {len(val)} validation images, "
+        raise ValueError(f"{where} splits into {len(train)} training and {len(val)} validation images, "
                          f"but the model was trained on {recorded[0]} and validated on {recorded[1]} "
                          f"(from {training.get('data', 'data not recorded')}): this is not its training "
                          "data. Use --local to choose the threshold on labelled images of your own")
-    return val
+    return train, val
 
 
 def split_by_patient(items: list[LabelledImage], val_fraction: float,

@@ -10,8 +10,9 @@ the best 224 px one; only then do the files it no longer names go.  So a crash o
 at any point leaves a consistent run, and ``--resume`` continues where it
 stopped: same weights, Adam moments and learning rate, the plateau and
 early-stopping counters replayed from the history, and a phase that had stopped
-early stays stopped.  Only the random draws differ.  The progress file also pins what makes the
-validation split (data folder, seed, fraction, limit): a resume with others is refused.
+early stays stopped.  Only the random draws differ.  The progress file also pins the validation
+split (seed, fraction, limit and a digest of the validation images' names): a resume with another
+is refused.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
 keeps every epoch's weights, and the model saved is the mean of its last N
@@ -35,8 +36,8 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, write_json_atomic
-from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, resolve_split,
-                      split_by_patient)
+from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, recorded_split,
+                      resolve_split, split_by_patient)
 from .discover import count_reasons
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, read_only, sha256_of)
@@ -527,11 +528,6 @@ def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> Non
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume must keep the run's validation split: give its options, or start "
                           "afresh in another --run-dir")
-    if "validation_sha256" not in recorded:  # recorded before the digest: the folder is all there is
-        if recorded.get("data", split["data"]) != split["data"]:
-            raise OptionError(f"cannot resume: {progress_file} records a run on {recorded['data']} (this run: "
-                              f"{split['data']}). Give its data, or start afresh in another --run-dir")
-        recorded["validation_sha256"] = split["validation_sha256"]
     if recorded["validation_sha256"] != split["validation_sha256"]:
         raise OptionError(f"cannot resume: the validation images differ from those {progress_file} records: "
                           f"images were added, removed or renamed under {split['data']} since the run "
@@ -545,13 +541,14 @@ def _check_start_split(started_from: dict, items: list[LabelledImage], val_items
     are its data (they split into its recorded sizes), wherever the folder now lies."""
     training = started_from.get("training") or {}
     patients = training.get("training_patients")
-    if patients is None:
-        patients = _rebuilt_training_patients(training, items)
-    if patients is None:
-        log(f"cannot tell whether --from-model {started_from['model']} was trained on any of these "
-            "validation images: its metadata lists no training patients, and this is not exactly its "
-            "data. If it is (with images added or removed), its validation figures will be optimistic")
-        return
+    if patients is None:  # a model from before the list: its record rebuilds its split of its own data
+        try:
+            patients = [patient_of(i.path) for i in recorded_split(items, training, "this data")[0]]
+        except ValueError:
+            log(f"cannot tell whether --from-model {started_from['model']} was trained on any of these "
+                "validation images: its metadata lists no training patients, and this is not exactly its "
+                "data. If it is (with images added or removed), its validation figures will be optimistic")
+            return
     trained_on = set(patients)
     overlap = sum(patient_of(i.path) in trained_on for i in val_items)
     if overlap:
@@ -559,20 +556,6 @@ def _check_start_split(started_from: dict, items: list[LabelledImage], val_items
                           f"this run's {len(val_items)} validation images (it was trained with --seed "
                           f"{training.get('seed')} --val-fraction {training.get('validation_fraction')}): "
                           "its own split, or other data, is needed to validate it")
-
-
-def _rebuilt_training_patients(training: dict, items: list[LabelledImage]) -> list[str] | None:
-    try:
-        seed, fraction = training["seed"], training["validation_fraction"]
-        sizes = (training["n_train"], training["n_validation"])
-    except KeyError:
-        return None
-    if training.get("limit_per_class"):  # a smoke run: its record does not rebuild its split
-        return None
-    start_train, start_val = split_by_patient(items, fraction, seed)
-    if (len(start_train), len(start_val)) != tuple(sizes):
-        return None
-    return [patient_of(i.path) for i in start_train]
 
 
 def _require_both_classes(items: list[LabelledImage], train_items: list[LabelledImage],

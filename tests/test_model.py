@@ -799,13 +799,6 @@ def test_a_resume_follows_its_validation_images_not_their_folder(tmp_path):
     shutil.copytree(first, moved)
     shutil.rmtree(first)
     _check_resume_split(recorded, split_of(moved)[1], tmp_path / "progress.json")
-    # a run recorded before the digest: its folder must match, and then the digest is added
-    old_style = {k: v for k, v in recorded.items() if k != "validation_sha256"}
-    with pytest.raises(OptionError, match=f"records a run on {first} \\(this run: {moved}\\)"):
-        _check_resume_split(dict(old_style), split_of(moved)[1], tmp_path / "progress.json")
-    same_place = dict(old_style, data=str(moved))
-    _check_resume_split(same_place, split_of(moved)[1], tmp_path / "progress.json")
-    assert same_place["validation_sha256"] == recorded["validation_sha256"]
     validation, _ = split_of(moved)
     validation[0].path.unlink()
     with pytest.raises(OptionError, match="the validation images differ from those .*progress.json records: "
