@@ -203,7 +203,7 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
                                               (signal.SIGTERM, 143, "terminated")])  # systemd's stop
 def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, code, word, tmp_path):
-    n = 48  # enough that the stop, sent once the first batch is stored, lands before the last one
+    n = 150  # seconds of scoring after the first stored batch, so the stop lands mid-run on any night
     studies = make_studies(tmp_path / "studies", n)
     state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
