@@ -156,10 +156,14 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
-def signals_as_at_a_terminal():
+def as_at_a_terminal(args: list[str]) -> list[str]:
     """A test run started in the background (``&``, nohup) ignores SIGINT, and so would the screening
-    process it starts: give it the default, as a terminal's Ctrl-C finds it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    process it starts: give it the default, as a terminal's Ctrl-C finds it.  Done by a small
+    launcher that execs the command, not by ``preexec_fn``, which is unsafe in a process with
+    threads (TensorFlow's, here)."""
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", launcher, *args]
 
 
 def alive(pid: int) -> bool:
@@ -203,17 +207,22 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
                                               (signal.SIGTERM, 143, "terminated")])  # systemd's stop
 def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, code, word, tmp_path):
-    n = 150  # seconds of scoring after the first stored batch, so the stop lands mid-run on any night
+    n = 400  # about 15 s of scoring, so the stop lands mid-run even when this process is slow to look
     studies = make_studies(tmp_path / "studies", n)
     state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r1.csv"),
             "--state", str(state), "--log-file", str(log), "--batch-size", "2", "--no-progress"]
     # its own process group, as a terminal's Ctrl-C reaches the command and its decode workers
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, start_new_session=True, preexec_fn=signals_as_at_a_terminal)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (state.exists() and 0 < len(image_rows(state)) < n):
+    process = subprocess.Popen(as_at_a_terminal(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, start_new_session=True)
+    started, stored = time.time(), []  # images stored at each look
+    while time.time() < started + 300:
+        stored.append(len(image_rows(state)) if state.exists() else 0)
+        if 0 < stored[-1] < n:
+            break
         time.sleep(0.05)
+    assert process.poll() is None, (f"the run ended before the stop was sent: {len(stored)} looks in "
+                                    f"{time.time() - started:.1f} s saw {sorted(set(stored))} images stored")
     workers = process_tree(process.pid)[1:]
     os.killpg(process.pid, stop)
     stderr = process.communicate(timeout=120)[1]
@@ -239,8 +248,9 @@ def test_ctrl_c_while_the_decode_workers_start_is_one_line_too(tmp_path):
     studies = make_studies(tmp_path / "studies", 4)
     args = [sys.executable, str(ROOT / "screen.py"), str(studies), "--out", str(tmp_path / "r.csv"),
             "--no-progress"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, start_new_session=True, preexec_fn=signals_as_at_a_terminal)
+    process = subprocess.Popen(as_at_a_terminal(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, start_new_session=True)
+
     def decode_worker_started():
         for pid in process_tree(process.pid)[1:]:
             try:
