@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -23,32 +24,47 @@ def to_stderr(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _interruptible(command):
-    """A Ctrl-C (SIGINT) or a stop (SIGTERM: systemd, ``timeout``, ``kill``) anywhere in a
-    screening run ends it cleanly: one line, exit 128 + the signal's number, the state kept and
-    the audit log closed with run_interrupted.  Not Click's "Aborted!" with exit 1, which a
+def _interruptible(what_is_kept: Callable[[dict], str]):
+    """A Ctrl-C (SIGINT) or a stop (SIGTERM: systemd, ``timeout``, ``kill``) anywhere in the
+    command ends it cleanly: one line saying what is kept (``what_is_kept`` of the command's
+    options), exit 128 + the signal's number.  Not Click's "Aborted!" with exit 1, which a
     monitor would read as unreadable files, nor SIGTERM's silent death."""
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        received = []
+    def decorator(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            received = []
 
-        def stop(signum, frame):
-            received.append(signum)
-            raise KeyboardInterrupt
+            def stop(signum, frame):
+                received.append(signum)
+                raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, stop)
-        try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            signum = received[0] if received else signal.SIGINT
-            state = kwargs.get("state_path")
-            click.echo(("terminated" if signum == signal.SIGTERM else "interrupted") + ": no report written"
-                       + (f"; the images scored so far are kept in {state}" if state else ""), err=True)
-            sys.exit(128 + signum)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            previous = signal.signal(signal.SIGTERM, stop)
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                signum = received[0] if received else signal.SIGINT
+                click.echo(("terminated" if signum == signal.SIGTERM else "interrupted") + ": "
+                           + what_is_kept(kwargs), err=True)
+                sys.exit(128 + signum)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
-    return run
+        return run
+
+    return decorator
+
+
+def _screening_kept(options: dict) -> str:
+    """The state has every batch scored before the stop, and the audit log a run_interrupted line."""
+    state = options.get("state_path")
+    return "no report written" + (f"; the images scored so far are kept in {state}" if state else "")
+
+
+def _training_kept(options: dict) -> str:
+    from .train import run_folder_path
+
+    return (f"every finished epoch is kept in {run_folder_path(options['out'], options['run_dir'])}; "
+            "the same command with --resume continues")
 
 
 SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
@@ -99,8 +115,8 @@ def main() -> None:
 @click.option("--imagenet-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Keras DenseNet-121 no-top ImageNet weight file "
                    "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
-@click.option("--frozen-epochs", default=2, show_default=True, type=click.IntRange(min=0),
-              help="With --init imagenet: epochs training the head on a frozen backbone first.")
+@click.option("--frozen-epochs", type=click.IntRange(min=0),
+              help="With --init imagenet: epochs training the head on a frozen backbone first  [default: 2]")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-fraction", default=0.1, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -124,6 +140,7 @@ def main() -> None:
               help="Save the mean of the last N epochs' weights (the final phase then runs at its "
                    "constant learning rate, without early stopping); 0 keeps the 224 px epoch "
                    "with the lowest validation loss.")
+@_interruptible(_training_kept)
 def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_size, val_fraction,
           seed, patience, target_sensitivity, run_dir, resume, limit, from_model, average_last):
     """Train the DenseNet-121 classifier on DATA_DIR/{train/}{NORMAL,PNEUMONIA}.
@@ -136,8 +153,8 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
 
     try:
         phases = parse_schedule(schedule)
-        check_options(phases, init=init, imagenet_weights=imagenet_weights, out=out, from_model=from_model,
-                      average_last=average_last, run_dir=run_dir, resume=resume)
+        check_options(phases, init=init, imagenet_weights=imagenet_weights, frozen_epochs=frozen_epochs,
+                      out=out, from_model=from_model, average_last=average_last, run_dir=run_dir, resume=resume)
     except ValueError as exc:
         raise click.UsageError(str(exc))
     try:
@@ -264,7 +281,7 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no summary line.")
 @click.version_option(__version__, prog_name="pneumonia-screen")
-@_interruptible
+@_interruptible(_screening_kept)
 def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
            header_filter, state_path, include_previous, min_age, log_file, export_dir, progress,
            verbose, quiet):

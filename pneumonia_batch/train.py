@@ -51,6 +51,7 @@ PLATEAU_PATIENCE = 1
 # The seed recipe's fine-tuning cut: with ImageNet weights the first 100
 # backbone layers stay frozen after the head has been trained.
 UNFREEZE_FROM_LAYER = 100
+FROZEN_EPOCHS = 2  # head-only epochs on the frozen ImageNet backbone first, unless told otherwise
 
 # The options that make a validation split: a run and its resumes must agree on them, and on the
 # validation images themselves, or the epochs of one split would be chosen on another.
@@ -126,7 +127,8 @@ def run_folder_path(out: Path, run_dir: Path | None) -> Path:
 
 
 def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | None, out: Path,
-                  from_model: Path | None, average_last: int, run_dir: Path | None, resume: bool) -> None:
+                  from_model: Path | None, average_last: int, run_dir: Path | None, resume: bool,
+                  frozen_epochs: int | None = None) -> None:
     """Refuse option combinations that cannot train, before any data is read."""
     if schedule[-1].size != INPUT_SIZE:
         raise ValueError(f"the schedule must end at the screening resolution {INPUT_SIZE}")
@@ -137,6 +139,10 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
     if init == "imagenet" and imagenet_weights is None:
         raise ValueError("--init imagenet needs --imagenet-weights: the weights cannot be downloaded here")
+    if init != "imagenet" and (imagenet_weights is not None or frozen_epochs is not None):
+        # else a user who forgot --init imagenet would train from scratch for hours, unawares
+        raise ValueError("--imagenet-weights and --frozen-epochs go with --init imagenet; this run would "
+                         "start from " + ("--from-model" if from_model is not None else "random weights"))
     if Path(out).suffix not in (".keras", ".h5"):  # Keras saves lower-case suffixes only
         raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
     if read_only(out) or read_only(metadata_path(out)):
@@ -296,7 +302,7 @@ class _RunFolder:
 
 
 def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "random",
-          imagenet_weights: Path | None = None, frozen_epochs: int = 2, batch_size: int = 16,
+          imagenet_weights: Path | None = None, frozen_epochs: int | None = None, batch_size: int = 16,
           val_fraction: float = 0.1, seed: int = 0, run_dir: Path | None = None,
           resume: bool = False, patience: int = 3, limit: int | None = None,
           target_sensitivity: float = 0.97, from_model: Path | None = None,
@@ -311,8 +317,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     from .evaluate import calibrate_model
 
-    check_options(schedule, init=init, imagenet_weights=imagenet_weights, out=out, from_model=from_model,
-                  average_last=average_last, run_dir=run_dir, resume=resume)
+    check_options(schedule, init=init, imagenet_weights=imagenet_weights, frozen_epochs=frozen_epochs,
+                  out=out, from_model=from_model, average_last=average_last, run_dir=run_dir, resume=resume)
+    frozen_epochs = FROZEN_EPOCHS if frozen_epochs is None else frozen_epochs
     if init == "imagenet" and frozen_epochs > 0:
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)

@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -484,6 +486,18 @@ def test_a_schedule_that_does_not_end_at_the_screening_size_is_refused(tmp_path)
     check_options(parse_schedule("96:2,224:1"), **options)
 
 
+@pytest.mark.parametrize("given", [dict(imagenet_weights=Path("densenet121_notop.h5")), dict(frozen_epochs=3),
+                                   dict(frozen_epochs=0)])
+def test_imagenet_options_without_imagenet_init_are_refused(given, tmp_path):
+    """Not ignored: a user who forgot --init imagenet would otherwise train from scratch for hours."""
+    options = dict(init="random", imagenet_weights=None, out=tmp_path / "m.keras", from_model=None,
+                   average_last=0, run_dir=tmp_path / "run", resume=False)
+    with pytest.raises(ValueError, match="go with --init imagenet; this run would start from random weights"):
+        check_options(parse_schedule("96:2,224:1"), **{**options, **given})
+    check_options(parse_schedule("96:2,224:1"), **{**options, **given, "init": "imagenet",
+                                                    "imagenet_weights": tmp_path / "w.h5"})
+
+
 def test_augmentation_never_flips_and_stays_in_range():
     import tensorflow as tf
 
@@ -600,6 +614,8 @@ def test_batchnorm_statistics_become_means_over_the_data():
     (["--from-model", "weights/densenet121_pneumonia.keras", "--out", "weights/densenet121_pneumonia.keras"],
      "would overwrite the --from-model model"),
     (["--init", "imagenet"], "needs --imagenet-weights"),
+    (["--from-model", "weights/densenet121_pneumonia.keras", "--frozen-epochs", "1"],
+     "go with --init imagenet; this run would start from --from-model"),
     (["--out", "pneumonia_v2"], "must end in .keras"),
     (["--out", "pneumonia_v2.KERAS"], "must end in .keras"),
     (["--schedule", "224:1:nan"], "out of range"),
@@ -636,6 +652,29 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "Missing option '--out'" in result.stderr
+
+
+@pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+                                              (signal.SIGTERM, 143, "terminated")])  # kill, systemd
+def test_a_stopped_training_run_says_where_its_epochs_are_kept(stop, code, word, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pneumonia_batch import cli, train
+
+    def stopped_mid_epoch(*args, **kwargs):
+        if stop == signal.SIGINT:  # as Python delivers a Ctrl-C, also when this test runs in the background
+            raise KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "a stop would end the run silently"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler acts here
+
+    monkeypatch.setattr(train, "train", stopped_mid_epoch)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.train, [str(tmp_path), "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == code
+    assert result.output == (f"{word}: every finished epoch is kept in runs/m; "
+                             "the same command with --resume continues\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
 
 
 def test_a_run_refused_over_its_data_leaves_no_folders(tmp_path):
