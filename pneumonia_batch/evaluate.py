@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .dataset import LabelledImage, UnusedFile
+from .dataset import LabelledImage, UnusedFile, patient_of
 from .discover import count_reasons, readable
 from .model import CLASS_NAMES, metadata_path, metadata_to_update, read_model_info
 
@@ -202,11 +202,16 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     items, probabilities, failed = predict_items(model_path, items, info.input_scale)
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
+    trained_on = (info.metadata.get("training") or {}).get("training_patients")
+    trained_on = None if trained_on is None else set(trained_on)
     result = {
         "model": str(model_path),
         "model_sha256": info.sha256,
         "n_images": len(items),
         "n_pneumonia": int(labels.sum()),
+        # figures that include these are optimistic; None: the metadata does not say whom it was trained on
+        "n_of_training_patients": (None if trained_on is None else
+                                   sum(patient_of(i.path) in trained_on for i in items)),
         "roc_auc": roc_auc(labels, probabilities),
         "at_model_threshold": metrics_at(labels, probabilities, info.threshold),
         "at_0.5": metrics_at(labels, probabilities, 0.5),
@@ -229,6 +234,9 @@ def _figure(value: float | None, interval: list[float] | None = None) -> str:
 def format_table(result: dict) -> str:
     auc = "n/a (one class only)" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"
     lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), ROC-AUC {auc}"]
+    if result["n_of_training_patients"]:
+        lines.append(f"warning: {result['n_of_training_patients']} of these images are of patients the model "
+                     "was trained on, so these figures are optimistic")
     if result["not_used"]:
         lines.append(f"{len(result['not_used'])} files not used: "
                      f"{count_reasons(u['reason'] for u in result['not_used'])}")

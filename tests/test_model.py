@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pneumonia_batch.dataset import patient_of
 from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info, sha256_of
 from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, check_options, parse_schedule
 
@@ -353,12 +354,18 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     save(make_dataset(chest_pixels(), photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096),
          data / "PNEUMONIA" / "study-7" / "frontal.dcm")
     (data / "NORMAL" / "notes.txt").write_text("reviewed")
+    trained_on = json.loads(metadata_path(out).read_text())["training"]["training_patients"]
+    seen = next(p for p in sorted((KERMANY / "train" / "NORMAL").iterdir()) if patient_of(p) in trained_on)
+    shutil.copy(seen, data / "NORMAL")  # an image the model was trained on
 
     result = pneumonia_batch_command("evaluate", data, "--model", out, "--out-dir", tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    assert saved["n_images"] == 5 and saved["n_pneumonia"] == 3
+    assert saved["n_images"] == 6 and saved["n_pneumonia"] == 3
+    assert saved["n_of_training_patients"] == 1
+    assert ("warning: 1 of these images are of patients the model was trained on, so these figures are "
+            "optimistic") in result.stdout
     assert saved["not_used"] == [{"path": str(data / "NORMAL" / "notes.txt"), "reason": "not_an_image"}]
-    assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 5
+    assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 6
     assert "ROC-AUC" in result.stdout and "1 files not used: not_an_image (1)" in result.stdout
     assert (tmp_path / "ev" / "roc.png").is_file()
     evaluated = {Path(i["path"]).name: i["probability"] for i in saved["images"]}
@@ -372,7 +379,7 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     pneumonia = [i["probability"] for i in saved["images"] if i["label"] == "PNEUMONIA"]
     assert meta["threshold"]["value"] == pytest.approx(min(pneumonia), abs=1e-6)  # 0.97 of 3 needs all 3
     assert str(data) in meta["threshold"]["method"] and meta["validation"]["not_used"] == "not_an_image (1)"
-    assert meta["validation"]["n_images"] == 5 and "95 % interval" in result.stderr
+    assert meta["validation"]["n_images"] == 6 and "95 % interval" in result.stderr
 
     report = tmp_path / "report.json"
     subprocess.run([sys.executable, str(ROOT / "screen.py"), str(data / "PNEUMONIA"), "--out", str(report),
