@@ -677,11 +677,12 @@ def test_a_stopped_training_run_says_where_its_epochs_are_kept(stop, code, word,
 
     monkeypatch.setattr(train, "train", stopped_mid_epoch)
     monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(cli.train, [str(tmp_path), "--out", str(tmp_path / "m.keras")])
     assert result.exit_code == code
     assert result.output == (f"{word}: every finished epoch is kept in runs/m; "
                              "the same command with --resume continues\n")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
 
 
 def test_a_run_refused_over_its_data_leaves_no_folders(tmp_path):
