@@ -61,10 +61,14 @@ def _screening_kept(options: dict) -> str:
 
 
 def _training_kept(options: dict) -> str:
-    from .train import run_folder_path
+    """A run folder's progress file names the last complete epoch, and only after its checkpoint is on disk."""
+    from .train import finished_epochs, run_folder_path
 
-    return (f"every finished epoch is kept in {run_folder_path(options['out'], options['run_dir'])}; "
-            "the same command with --resume continues")
+    done = finished_epochs(options["out"], options["run_dir"])
+    if not done:
+        return "no epoch had finished, so there is nothing to resume"
+    return (f"{run_folder_path(options['out'], options['run_dir'])} keeps the run up to epoch {done}; "
+            "the same command with --resume continues from there")
 
 
 SCREEN_HELP = """Screen every chest X-ray study under DIRECTORY for pneumonia.
@@ -115,8 +119,8 @@ def main() -> None:
 @click.option("--imagenet-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Keras DenseNet-121 no-top ImageNet weight file "
                    "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
-@click.option("--frozen-epochs", type=click.IntRange(min=0),
-              help="With --init imagenet: epochs training the head on a frozen backbone first  [default: 2]")
+@click.option("--frozen-epochs", type=click.IntRange(min=0), show_default="2 with --init imagenet",
+              help="With --init imagenet: epochs training the head on a frozen backbone first.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-fraction", default=0.1, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),

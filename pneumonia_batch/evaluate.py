@@ -202,16 +202,15 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     items, probabilities, failed = predict_items(model_path, items, info.input_scale)
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
-    trained_on = (info.metadata.get("training") or {}).get("training_patients")
-    trained_on = None if trained_on is None else set(trained_on)
+    trained_on = _training_patient_tokens(info.metadata)
     result = {
         "model": str(model_path),
         "model_sha256": info.sha256,
         "n_images": len(items),
         "n_pneumonia": int(labels.sum()),
-        # figures that include these are optimistic; None: the metadata does not say whom it was trained on
-        "n_of_training_patients": (None if trained_on is None else
-                                   sum(patient_of(i.path) in trained_on for i in items)),
+        # figures that include these patients' images are optimistic; None: no metadata lists them
+        "n_with_training_patient_token": (None if trained_on is None else
+                                          sum(patient_of(i.path) in trained_on for i in items)),
         "roc_auc": roc_auc(labels, probabilities),
         "at_model_threshold": metrics_at(labels, probabilities, info.threshold),
         "at_0.5": metrics_at(labels, probabilities, 0.5),
@@ -224,6 +223,17 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     return result
 
 
+def _training_patient_tokens(metadata: dict) -> set[str] | None:
+    """The patient tokens of the images a model, and each model it was fine-tuned from, was trained
+    on, as far as their metadata list them; None when none does."""
+    tokens, training = None, metadata.get("training")
+    while training:
+        if training.get("training_patients") is not None:
+            tokens = (tokens or set()) | set(training["training_patients"])
+        training = (training.get("started_from") or {}).get("training")
+    return tokens
+
+
 def _figure(value: float | None, interval: list[float] | None = None) -> str:
     """A figure for the table; n/a when its class has no images."""
     if value is None:
@@ -234,9 +244,10 @@ def _figure(value: float | None, interval: list[float] | None = None) -> str:
 def format_table(result: dict) -> str:
     auc = "n/a (one class only)" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"
     lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), ROC-AUC {auc}"]
-    if result["n_of_training_patients"]:
-        lines.append(f"warning: {result['n_of_training_patients']} of these images are of patients the model "
-                     "was trained on, so these figures are optimistic")
+    if result["n_with_training_patient_token"]:
+        lines.append(f"warning: {result['n_with_training_patient_token']} of these images carry the patient "
+                     "token (from the file name) of images the model was trained on: if they are the same "
+                     "patients, these figures are optimistic")
     if result["not_used"]:
         lines.append(f"{len(result['not_used'])} files not used: "
                      f"{count_reasons(u['reason'] for u in result['not_used'])}")

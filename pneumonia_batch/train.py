@@ -126,6 +126,14 @@ def run_folder_path(out: Path, run_dir: Path | None) -> Path:
     return Path(run_dir) if run_dir else Path("runs") / Path(out).stem
 
 
+def finished_epochs(out: Path, run_dir: Path | None) -> int:
+    """The epochs the run folder's progress file records as complete; 0 when there is none to read."""
+    try:
+        return int(_RunFolder(run_folder_path(out, run_dir)).load_progress()["completed_epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | None, out: Path,
                   from_model: Path | None, average_last: int, run_dir: Path | None, resume: bool,
                   frozen_epochs: int | None = None) -> None:

@@ -72,3 +72,28 @@ def test_one_class_leaves_the_other_classs_figures_undefined():
     assert none_called_normal["NORMAL"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     missed = metrics_at(np.array([0, 1]), np.array([0.9, 0.8]), 0.5)["classification_report"]["NORMAL"]
     assert missed == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_training_patients_are_gathered_along_the_fine_tuning_chain():
+    from pneumonia_batch.evaluate import _training_patient_tokens
+
+    start = {"training_patients": ["person1", "IM-0001"]}
+    unlisted = {"started_from": {"training": start}}  # a model from before the list, fine-tuned from start
+    tuned = {"training_patients": ["person2"], "started_from": {"training": unlisted}}
+    assert _training_patient_tokens({"training": tuned}) == {"person1", "person2", "IM-0001"}
+    assert _training_patient_tokens({"training": unlisted}) == {"person1", "IM-0001"}
+    assert _training_patient_tokens({"training": {"started_from": {}}}) is None  # nobody listed: unknown
+    assert _training_patient_tokens({}) is None  # a model without a training record
+
+
+@pytest.mark.parametrize("count, warned", [(None, False), (0, False), (2, True)])
+def test_the_table_warns_only_when_images_share_training_patient_tokens(count, warned):
+    from pneumonia_batch.evaluate import format_table
+
+    result = {"n_images": 10, "n_pneumonia": 6, "roc_auc": roc_auc(LABELS, SCORES), "not_used": [],
+              "n_with_training_patient_token": count,
+              "at_model_threshold": metrics_at(LABELS, SCORES, 0.4), "at_0.5": metrics_at(LABELS, SCORES, 0.5)}
+    lines = format_table(result).splitlines()
+    assert (lines[1] == "warning: 2 of these images carry the patient token (from the file name) of images the "
+                        "model was trained on: if they are the same patients, these figures are optimistic") == warned
+    assert sum("warning" in line for line in lines) == warned

@@ -361,9 +361,9 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     result = pneumonia_batch_command("evaluate", data, "--model", out, "--out-dir", tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert saved["n_images"] == 6 and saved["n_pneumonia"] == 3
-    assert saved["n_of_training_patients"] == 1
-    assert ("warning: 1 of these images are of patients the model was trained on, so these figures are "
-            "optimistic") in result.stdout
+    assert saved["n_with_training_patient_token"] == 1
+    assert ("warning: 1 of these images carry the patient token (from the file name) of images the model was "
+            "trained on: if they are the same patients, these figures are optimistic") in result.stdout
     assert saved["not_used"] == [{"path": str(data / "NORMAL" / "notes.txt"), "reason": "not_an_image"}]
     assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 6
     assert "ROC-AUC" in result.stdout and "1 files not used: not_an_image (1)" in result.stdout
@@ -663,12 +663,19 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
                                               (signal.SIGTERM, 143, "terminated")])  # kill, systemd
-def test_a_stopped_training_run_says_where_its_epochs_are_kept(stop, code, word, tmp_path, monkeypatch):
+@pytest.mark.parametrize("done, kept", [
+    (0, "no epoch had finished, so there is nothing to resume"),
+    (3, "runs/m keeps the run up to epoch 3; the same command with --resume continues from there"),
+])
+def test_a_stopped_training_run_says_what_it_keeps(stop, code, word, done, kept, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from pneumonia_batch import cli, train
 
     def stopped_mid_epoch(*args, **kwargs):
+        if done:  # as a run writes it once an epoch's checkpoint is on disk
+            (tmp_path / "runs" / "m").mkdir(parents=True)
+            (tmp_path / "runs" / "m" / "progress.json").write_text(json.dumps({"completed_epochs": done}))
         if stop == signal.SIGINT:  # as Python delivers a Ctrl-C, also when this test runs in the background
             raise KeyboardInterrupt
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "a stop would end the run silently"
@@ -680,8 +687,7 @@ def test_a_stopped_training_run_says_where_its_epochs_are_kept(stop, code, word,
     before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(cli.train, [str(tmp_path), "--out", str(tmp_path / "m.keras")])
     assert result.exit_code == code
-    assert result.output == (f"{word}: every finished epoch is kept in runs/m; "
-                             "the same command with --resume continues\n")
+    assert result.output == f"{word}: {kept}\n"
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
 
 

@@ -216,13 +216,14 @@ def test_a_run_stopped_mid_way_exits_quietly_and_keeps_what_was_scored(stop, cod
     process = subprocess.Popen(as_at_a_terminal(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, start_new_session=True)
     started, stored = time.time(), []  # images stored at each look
-    while time.time() < started + 300:
+    while time.time() < started + 300 and process.poll() is None:
         stored.append(len(image_rows(state)) if state.exists() else 0)
         if 0 < stored[-1] < n:
             break
         time.sleep(0.05)
-    assert process.poll() is None, (f"the run ended before the stop was sent: {len(stored)} looks in "
-                                    f"{time.time() - started:.1f} s saw {sorted(set(stored))} images stored")
+    if process.poll() is not None:
+        pytest.fail(f"the run ended before the stop was sent: {len(stored)} looks in {time.time() - started:.1f} s "
+                    f"saw {sorted(set(stored))} images stored; its stderr: {process.communicate()[1]}")
     workers = process_tree(process.pid)[1:]
     os.killpg(process.pid, stop)
     stderr = process.communicate(timeout=120)[1]
