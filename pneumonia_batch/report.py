@@ -85,7 +85,7 @@ def study_record(study: Study, threshold: float | None, model_sha256: str, run_i
         "files": [f.rel for f in study.files],
         "n_images": sum(f.is_image for f in study.files),
         "n_scored": len(study.scored),
-        "probability": None if probability is None else round(probability, 6),
+        "probability": probability,  # unrounded: "flagged" compares this very value with the threshold
         "threshold": threshold,
         "flagged": is_flagged(study, threshold),
         "status": study.status,
@@ -103,7 +103,7 @@ def image_record(item: InputFile) -> dict:
         "kind": item.kind,
         "status": item.status,
         "reason": item.reason,
-        "probability": None if item.probability is None else round(item.probability, 6),
+        "probability": item.probability,
         "sop_instance_uid": header.sop_instance_uid if header else "",
         "note": item.note,
     }
@@ -122,7 +122,7 @@ def render_csv(records: list[dict]) -> str:
     for record in records:
         row = dict(record, files=";".join(map(_csv_file_name, record["files"])),
                    flagged="true" if record["flagged"] else "false",
-                   probability="" if record["probability"] is None else f"{record['probability']:.6f}")
+                   probability="" if record["probability"] is None else repr(record["probability"]))
         writer.writerow({k: safe_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 

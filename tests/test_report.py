@@ -32,9 +32,22 @@ def test_csv_rows_flags_and_formula_neutralising():
     assert list(rows[0]) == report.COLUMNS
     assert rows[0]["patient_id"] == "'=HYPERLINK(\"http://x\")"
     assert rows[1]["patient_id"] == "'@SUM(1)" and rows[2]["patient_id"] == "'-5"
-    assert (rows[0]["probability"], rows[0]["flagged"], rows[0]["n_scored"]) == ("0.900000", "true", "2")
+    assert (rows[0]["probability"], rows[0]["flagged"], rows[0]["n_scored"]) == ("0.9", "true", "2")
     assert (rows[1]["flagged"], rows[2]["probability"], rows[2]["status"]) == ("false", "", "error")
     assert rows[0]["files"] == "s1/0.png;s1/1.png"
+
+
+def test_the_reported_probability_is_the_one_flagged_on():
+    """Unrounded, so that filtering the report on probability >= threshold gives its flagged studies,
+    also for a study a hair below a threshold that is itself a model output."""
+    threshold = 0.08447174727916718
+    records = [report.study_record(study(f"s{n}", "", [p]), threshold, "abc", "run1")
+               for n, p in enumerate([threshold - 4e-8, threshold, 0.0844722])]
+    assert [r["flagged"] for r in records] == [False, True, True]
+    csv_rows = list(csv.DictReader(io.StringIO(report.render_csv(records))))
+    json_rows = json.loads(json.dumps(records))  # as the JSON report holds them
+    for rows in (csv_rows, json_rows):
+        assert [float(r["probability"]) >= threshold for r in rows] == [False, True, True]
 
 
 def test_file_names_holding_the_separator_split_back_exactly():
