@@ -138,6 +138,18 @@ def rebuild_validation_split(data_dir: Path, training: dict) -> list[LabelledIma
     return recorded_split(items, training, str(data_dir))[1]
 
 
+def training_patients(training: dict | None) -> set[str] | None:
+    """The patient tokens a model was trained on, from its metadata's training record: its own
+    list and those of the models it was fine-tuned from (``started_from``), as far as they have
+    one; None when none does (models from before the list)."""
+    tokens = None
+    while training:
+        if training.get("training_patients") is not None:
+            tokens = (tokens or set()) | set(training["training_patients"])
+        training = (training.get("started_from") or {}).get("training")
+    return tokens
+
+
 def recorded_split(items: list[LabelledImage], training: dict,
                    where: str) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """``items`` split as a model's training record says, refused (ValueError) unless they split

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .dataset import LabelledImage, UnusedFile, patient_of
+from .dataset import LabelledImage, UnusedFile, patient_of, training_patients
 from .discover import count_reasons, readable
 from .model import CLASS_NAMES, metadata_path, metadata_to_update, read_model_info
 
@@ -202,7 +202,7 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     items, probabilities, failed = predict_items(model_path, items, info.input_scale)
     unused = [*unused, *failed]
     labels = np.array([i.label for i in items], int)
-    trained_on = _training_patient_tokens(info.metadata)
+    trained_on = training_patients(info.metadata.get("training"))
     result = {
         "model": str(model_path),
         "model_sha256": info.sha256,
@@ -221,17 +221,6 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
     write_json_atomic(out_dir / "evaluation.json", result)
     _plot(labels, probabilities, result, out_dir)
     return result
-
-
-def _training_patient_tokens(metadata: dict) -> set[str] | None:
-    """The patient tokens of the images a model, and each model it was fine-tuned from, was trained
-    on, as far as their metadata list them; None when none does."""
-    tokens, training = None, metadata.get("training")
-    while training:
-        if training.get("training_patients") is not None:
-            tokens = (tokens or set()) | set(training["training_patients"])
-        training = (training.get("started_from") or {}).get("training")
-    return tokens
 
 
 def _figure(value: float | None, interval: list[float] | None = None) -> str:

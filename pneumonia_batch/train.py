@@ -37,7 +37,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, write_json_atomic
 from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, recorded_split,
-                      resolve_split, split_by_patient)
+                      resolve_split, split_by_patient, training_patients)
 from .discover import count_reasons
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
                     metadata_path, read_only, sha256_of)
@@ -551,20 +551,20 @@ def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> Non
 
 def _check_start_split(started_from: dict, items: list[LabelledImage], val_items: list[LabelledImage],
                        log=print) -> None:
-    """Refuse to validate on patients the start model was trained on.  Its metadata lists them;
-    for a model from before that, its training record rebuilds its split of ``items`` when these
-    are its data (they split into its recorded sizes), wherever the folder now lies."""
+    """Refuse to validate on patients the start model, or a model it was fine-tuned from, was
+    trained on.  Their metadata lists them; for models from before that, the start model's training
+    record rebuilds its split of ``items`` when these are its data (they split into its recorded
+    sizes), wherever the folder now lies."""
     training = started_from.get("training") or {}
-    patients = training.get("training_patients")
-    if patients is None:  # a model from before the list: its record rebuilds its split of its own data
+    trained_on = training_patients(training)
+    if trained_on is None:  # a model from before the list: its record rebuilds its split of its own data
         try:
-            patients = [patient_of(i.path) for i in recorded_split(items, training, "this data")[0]]
+            trained_on = {patient_of(i.path) for i in recorded_split(items, training, "this data")[0]}
         except ValueError:
             log(f"cannot tell whether --from-model {started_from['model']} was trained on any of these "
                 "validation images: its metadata lists no training patients, and this is not exactly its "
                 "data. If it is (with images added or removed), its validation figures will be optimistic")
             return
-    trained_on = set(patients)
     overlap = sum(patient_of(i.path) in trained_on for i in val_items)
     if overlap:
         raise OptionError(f"--from-model {started_from['model']} was trained on the patients of {overlap} of "

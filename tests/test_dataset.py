@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from pneumonia_batch.dataset import (TRAINING_KINDS, list_labelled, list_training, rebuild_validation_split,
-                                     resolve_split, split_by_patient)
+                                     resolve_split, split_by_patient, training_patients)
 from pneumonia_batch.discover import count_reasons
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 
@@ -111,3 +111,13 @@ def test_validation_split_is_rebuilt_only_from_the_data_it_was_made_of(tmp_path)
         rebuild_validation_split(tmp_path, {**training, "limit_per_class": 4})
     with pytest.raises(ValueError, match="lacks 'seed'"):
         rebuild_validation_split(tmp_path, {"validation_fraction": 0.2})
+
+
+def test_training_patients_are_gathered_along_the_fine_tuning_chain():
+    start = {"training_patients": ["person1", "IM-0001"]}
+    unlisted = {"started_from": {"training": start}}  # a model from before the list, fine-tuned from start
+    tuned = {"training_patients": ["person2"], "started_from": {"training": unlisted}}
+    assert training_patients(tuned) == {"person1", "person2", "IM-0001"}
+    assert training_patients(unlisted) == {"person1", "IM-0001"}
+    assert training_patients({"started_from": {}}) is None  # nobody listed: unknown
+    assert training_patients(None) is None  # a model without a training record

@@ -74,18 +74,6 @@ def test_one_class_leaves_the_other_classs_figures_undefined():
     assert missed == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
-def test_training_patients_are_gathered_along_the_fine_tuning_chain():
-    from pneumonia_batch.evaluate import _training_patient_tokens
-
-    start = {"training_patients": ["person1", "IM-0001"]}
-    unlisted = {"started_from": {"training": start}}  # a model from before the list, fine-tuned from start
-    tuned = {"training_patients": ["person2"], "started_from": {"training": unlisted}}
-    assert _training_patient_tokens({"training": tuned}) == {"person1", "person2", "IM-0001"}
-    assert _training_patient_tokens({"training": unlisted}) == {"person1", "IM-0001"}
-    assert _training_patient_tokens({"training": {"started_from": {}}}) is None  # nobody listed: unknown
-    assert _training_patient_tokens({}) is None  # a model without a training record
-
-
 @pytest.mark.parametrize("count, warned", [(None, False), (0, False), (2, True)])
 def test_the_table_warns_only_when_images_share_training_patient_tokens(count, warned):
     from pneumonia_batch.evaluate import format_table

@@ -159,7 +159,7 @@ def test_resume_continues_after_the_last_checkpoint(tiny_training, tmp_path, mon
     run_dir = tmp_path / "run"
     shutil.copytree(out.parent / "run", run_dir)
     progress = json.loads((run_dir / "progress.json").read_text())
-    assert progress["completed_epochs"] == 2
+    assert progress["completed_epochs"] == 2 == training.finished_epochs(out, run_dir)  # as a stop reports it
     resumed = tmp_path / "resumed.keras"
     logged = []
     with untraced_steps():
@@ -904,6 +904,11 @@ def test_fine_tuning_never_validates_on_the_start_models_training_images(tmp_pat
     assert warnings and warnings[0].startswith("cannot tell whether --from-model start.keras was trained on")
     _check_start_split(listed, other, [i for i in other if patient_of(i.path) not in listed["training"]
                                        ["training_patients"]])  # other data, other patients: fine
+    # a start model fine-tuned on other data from one trained here: its ancestor's patients count too
+    tuned_elsewhere = {"model": "tuned.keras", "training": {"training_patients": ["person900"],
+                                                           "started_from": listed}}
+    with pytest.raises(OptionError, match=r"trained on the patients of \d of this run's 4 validation images"):
+        _check_start_split(tuned_elsewhere, items, split_by_patient(items, 0.2, 1)[1])
 
 
 def test_resume_without_the_recorded_weights_is_a_clear_error(tmp_path):
