@@ -77,9 +77,10 @@ def decoded(files: list[InputFile], workers: int,
     """Yield (file, model input or None) in order; failures are recorded on the file.
 
     A decoder process that dies (a codec segfault, the kernel's OOM killer)
-    takes every in-flight file with it.  The pool is then rebuilt, the file at
-    the head of the queue is retried alone (a second crash makes it the
-    culprit: an error row), and the others are resubmitted.
+    takes every in-flight file with it, and files submitted after it are
+    refused.  The pool is then rebuilt, the file at the head of the queue is
+    retried alone (a second crash makes it the culprit: an error row), and the
+    others are resubmitted.
     """
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
     window = max(4, workers * 8)
@@ -98,7 +99,16 @@ def decoded(files: list[InputFile], workers: int,
     todo = iter(files)
 
     def submit(item):
-        queue.append((item, submitted(pool, item)))
+        try:
+            future = submitted(pool, item)
+        except BrokenProcessPool:  # a process died since the last look: handled at this file's turn
+            future = None
+        queue.append((item, future))
+
+    def result(future):
+        if future is None:
+            raise BrokenProcessPool("submitted to a pool that was already broken")
+        return future.result()
 
     try:
         for item in todo:
@@ -108,7 +118,7 @@ def decoded(files: list[InputFile], workers: int,
         while queue:
             item, future = queue.popleft()
             try:
-                array, note, error = future.result()
+                array, note, error = result(future)
             except BrokenProcessPool:
                 pool.shutdown(cancel_futures=True)
                 pool = new_pool()

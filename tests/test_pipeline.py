@@ -1,6 +1,7 @@
 """Decode workers: order, failures and a worker process that dies."""
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,17 @@ def marker_decode(path: str, kind: str):
     """A stand-in decoder: an image filled with the file's number; 'crash' files kill the process."""
     name = Path(path).name
     if "crash" in name:
+        Path(path).with_suffix(".died").touch()  # lets a test know when the process is gone
         os._exit(1)  # as a codec segfault or the OOM killer would end the process
     return np.full((4, 4, 3), int(name.split("_")[0]), np.uint8), "", ""
 
 
-def files(names):
-    return [InputFile(rel=n, path=Path("/nonexistent") / n, kind="png") for n in names]
+def files(names, folder):
+    return [InputFile(rel=n, path=folder / n, kind="png") for n in names]
 
 
-def test_a_dying_decoder_costs_only_its_own_file():
-    items = files([f"{i:02d}_{'crash' if i == 7 else 'ok'}.png" for i in range(30)])
+def test_a_dying_decoder_costs_only_its_own_file(tmp_path):
+    items = files([f"{i:02d}_{'crash' if i == 7 else 'ok'}.png" for i in range(30)], tmp_path)
     out = list(decoded(items, workers=2, decode=marker_decode))
     assert [item.rel for item, _ in out] == [item.rel for item in items]  # every file, in order
     crashed = [item for item, array in out if array is None]
@@ -33,15 +35,30 @@ def test_a_dying_decoder_costs_only_its_own_file():
             assert item.status == "pending" and array[0, 0, 0] == int(item.rel[:2])
 
 
-def test_two_dying_decoders_in_one_window():
-    items = files([f"{i:02d}_{'crash' if i in (3, 4) else 'ok'}.png" for i in range(12)])
+def test_a_decoder_dying_while_earlier_files_are_handed_on(tmp_path):
+    # The crash breaks the pool while the consumer still holds file 00: the next file is then
+    # submitted to a broken pool, which raises at once instead of through its result.
+    items = files([f"{i:02d}_{'crash' if i == 5 else 'ok'}.png" for i in range(30)], tmp_path)
+    stream = decoded(items, workers=2, decode=marker_decode)
+    out = [next(stream)]
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "05_crash.died").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the pool notices a dead process within milliseconds
+    out += list(stream)
+    assert [item.rel for item, _ in out] == [item.rel for item in items]
+    assert [item.rel for item, array in out if array is None] == ["05_crash.png"]
+
+
+def test_two_dying_decoders_in_one_window(tmp_path):
+    items = files([f"{i:02d}_{'crash' if i in (3, 4) else 'ok'}.png" for i in range(12)], tmp_path)
     out = list(decoded(items, workers=2, decode=marker_decode))
     assert [item.rel for item, array in out if array is None] == ["03_crash.png", "04_crash.png"]
     assert len(out) == 12
 
 
 def test_batches_skip_failures_and_keep_the_rest_together():
-    items = files(["1_a", "2_b", "3_c", "4_d", "5_e"])
+    items = files(["1_a", "2_b", "3_c", "4_d", "5_e"], Path("/nonexistent"))
     arrays = [np.full((2, 2, 3), i, np.uint8) for i in range(5)]
     arrays[1] = None
     grouped = list(batches(zip(items, arrays), batch_size=2))
