@@ -5,14 +5,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pneumonia_batch.discover import InputFile
 from pneumonia_batch.pipeline import batches, decoded
 
 
 def marker_decode(path: str, kind: str):
-    """A stand-in decoder: an image filled with the file's number; 'crash' files kill the process."""
+    """A stand-in decoder: an image filled with the file's number; 'crash' files kill the process,
+    'hang' files never return."""
     name = Path(path).name
+    if "hang" in name:
+        Path(path).with_suffix(".pid").write_text(str(os.getpid()))
+        time.sleep(3600)  # as a codec caught in a loop on a damaged file
     if "crash" in name:
         Path(path).with_suffix(".died").touch()  # lets a test know when the process is gone
         os._exit(1)  # as a codec segfault or the OOM killer would end the process
@@ -48,6 +53,19 @@ def test_a_decoder_dying_while_earlier_files_are_handed_on(tmp_path):
     out += list(stream)
     assert [item.rel for item, _ in out] == [item.rel for item in items]
     assert [item.rel for item, array in out if array is None] == ["05_crash.png"]
+
+
+def test_a_stuck_decoder_is_given_up_and_its_process_ended(tmp_path):
+    items = files([f"{i:02d}_{'hang' if i == 3 else 'ok'}.png" for i in range(12)], tmp_path)
+    out = list(decoded(items, workers=2, decode=marker_decode, timeout=3))
+    assert [item.rel for item, _ in out] == [item.rel for item in items]
+    stuck = [item for item, array in out if array is None]
+    assert [item.rel for item in stuck] == ["03_hang.png"]
+    assert stuck[0].status == "error" and stuck[0].reason == "decoding took longer than 3 s: given up"
+    assert all(array[0, 0, 0] == int(item.rel[:2]) for item, array in out if array is not None)
+    pid = int((tmp_path / "03_hang.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
+        os.kill(pid, 0)
 
 
 def test_two_dying_decoders_in_one_window(tmp_path):
