@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from concurrent import futures
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -34,15 +33,37 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _end_with_parent(parent_pid: int) -> None:
-    """Worker initializer: a decode process ends when the screening process is gone.  After a
-    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever."""
+def _start_decode_worker(parent_pid: int) -> None:
+    """Worker initializer: a decode process ends when the screening process is gone, or when
+    the screening process's pool ends it.
+
+    After a kill -9 of the screening process nothing shuts the pool down, and a worker holding
+    a result would wait forever.  When one worker dies, the pool ends the others with SIGTERM
+    and waits for them; the workers keep SIGTERM blocked (``_stop_signals_blocked``), so this
+    thread acts on a SIGTERM from the screening process alone.  Another sender's (a service
+    manager stopping the whole service) is left to the screening process, which shuts the pool
+    down in order: a worker ended while sending its result would leave half a message that
+    the pool then waits for forever.
+    """
     def watch():
         while os.getppid() == parent_pid:
-            time.sleep(1)
+            received = signal.sigtimedwait({signal.SIGTERM}, 1)
+            if received is not None and received.si_pid == parent_pid:
+                break
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _decode_in_time(decode: Callable, seconds: int, path: str, kind: str):
+    """Worker: ``decode``, ended with the whole process by SIGALRM's default action if it takes
+    longer than ``seconds`` (a codec caught in a loop on a damaged file, even one that never
+    returns to Python).  Never while a result is being sent: the alarm is off by then."""
+    signal.alarm(seconds)
+    try:
+        return decode(path, kind)
+    finally:
+        signal.alarm(0)
 
 
 @contextmanager
@@ -76,30 +97,18 @@ def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]
 # The longest one file may take to decode.  The slowest real file measured here, a 4 MB JPEG 2000 CR,
 # takes 0.25 s (0.85 s at full resolution); a codec caught in a loop on a damaged file would
 # otherwise hold up the night, and every night after it behind the state lock.
-DECODE_TIMEOUT = 120.0
-
-
-def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    """End a pool with a stuck worker: shutting it down alone would wait for that worker forever."""
-    kill = getattr(pool, "kill_workers", None)  # Python 3.14
-    if kill is not None:
-        kill()
-        return
-    for process in list((pool._processes or {}).values()):
-        process.kill()  # SIGKILL: the decode processes block SIGTERM (_stop_signals_blocked)
+DECODE_TIMEOUT = 120
 
 
 def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_model,
-            timeout: float = DECODE_TIMEOUT) -> Iterator[tuple[InputFile, np.ndarray | None]]:
+            timeout: int = DECODE_TIMEOUT) -> Iterator[tuple[InputFile, np.ndarray | None]]:
     """Yield (file, model input or None) in order; failures are recorded on the file.
 
-    A decoder process that dies (a codec segfault, the kernel's OOM killer)
-    takes every in-flight file with it, and files submitted after it are
-    refused.  The pool is then rebuilt, the file at the head of the queue is
-    retried alone (a second crash makes it the culprit: an error row), and the
-    others are resubmitted.  A file still decoding after ``timeout`` seconds
-    at the head of the queue (files are decoded in order, so it is the one
-    that is stuck) becomes an error row, and its process is killed.
+    A decoder process that dies (a codec segfault, the kernel's OOM killer, a
+    decode that took longer than ``timeout`` seconds) takes every in-flight
+    file with it, and files submitted after it are refused.  The pool is then
+    rebuilt, the file at the head of the queue is retried alone (a second
+    death makes it the culprit: an error row), and the others are resubmitted.
     """
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
     window = max(4, workers * 8)
@@ -107,11 +116,11 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
     def new_pool():
         with _stop_signals_blocked():
             return ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                       initializer=_end_with_parent, initargs=(os.getpid(),))
+                                       initializer=_start_decode_worker, initargs=(os.getpid(),))
 
     def submitted(pool, item):
         with _stop_signals_blocked():  # a submit may start a worker
-            return pool.submit(decode, str(item.path), item.kind)
+            return pool.submit(_decode_in_time, decode, timeout, str(item.path), item.kind)
 
     pool = new_pool()
     queue: deque = deque()
@@ -125,17 +134,9 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
         queue.append((item, future))
 
     def outcome(future):
-        """The worker's (array, note, error); raises BrokenProcessPool or futures.TimeoutError."""
         if future is None:
             raise BrokenProcessPool("submitted to a pool that was already broken")
-        return future.result(timeout=timeout)
-
-    def restart(stuck=False):
-        nonlocal pool
-        if stuck:
-            _kill_workers(pool)
-        pool.shutdown(cancel_futures=True)
-        pool = new_pool()
+        return future.result()
 
     try:
         for item in todo:
@@ -144,20 +145,20 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
                 break
         while queue:
             item, future = queue.popleft()
-            pool_before = pool
             try:
-                try:
-                    array, note, error = outcome(future)
-                except BrokenProcessPool:  # this file or another one in flight ended a process
-                    restart()
-                    array, note, error = outcome(submitted(pool, item))  # alone: a second death is its own
+                array, note, error = outcome(future)
             except BrokenProcessPool:
-                array, note, error = None, "", "decoder process crashed on this file"
-                restart()
-            except futures.TimeoutError:
-                array, note, error = None, "", f"decoding took longer than {timeout:g} s: given up"
-                restart(stuck=True)
-            if pool is not pool_before:  # the files in flight went with the old pool
+                pool.shutdown(cancel_futures=True)
+                pool = new_pool()
+                started = time.monotonic()
+                try:
+                    array, note, error = submitted(pool, item).result()
+                except BrokenProcessPool:
+                    took_too_long = time.monotonic() - started >= timeout
+                    array, note, error = None, "", (f"decoding took longer than {timeout} s: given up"
+                                                    if took_too_long else "decoder process crashed on this file")
+                    pool.shutdown(cancel_futures=True)
+                    pool = new_pool()
                 in_flight = [waiting for waiting, _ in queue]
                 queue.clear()
                 for waiting in in_flight:

@@ -21,7 +21,8 @@ def marker_decode(path: str, kind: str):
     if "crash" in name:
         Path(path).with_suffix(".died").touch()  # lets a test know when the process is gone
         os._exit(1)  # as a codec segfault or the OOM killer would end the process
-    return np.full((4, 4, 3), int(name.split("_")[0]), np.uint8), "", ""
+    # full-size results: a result larger than a pipe's buffer blocks a worker until it is read
+    return np.full((224, 224, 3), int(name.split("_")[0]), np.uint8), "", ""
 
 
 def files(names, folder):
@@ -57,14 +58,14 @@ def test_a_decoder_dying_while_earlier_files_are_handed_on(tmp_path):
 
 def test_a_stuck_decoder_is_given_up_and_its_process_ended(tmp_path):
     items = files([f"{i:02d}_{'hang' if i == 3 else 'ok'}.png" for i in range(12)], tmp_path)
-    out = list(decoded(items, workers=2, decode=marker_decode, timeout=3))
+    out = list(decoded(items, workers=2, decode=marker_decode, timeout=2))
     assert [item.rel for item, _ in out] == [item.rel for item in items]
     stuck = [item for item, array in out if array is None]
     assert [item.rel for item in stuck] == ["03_hang.png"]
-    assert stuck[0].status == "error" and stuck[0].reason == "decoding took longer than 3 s: given up"
+    assert stuck[0].status == "error" and stuck[0].reason == "decoding took longer than 2 s: given up"
     assert all(array[0, 0, 0] == int(item.rel[:2]) for item, array in out if array is not None)
     pid = int((tmp_path / "03_hang.pid").read_text())
-    with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
+    with pytest.raises(ProcessLookupError):  # ended and reaped, not left sleeping
         os.kill(pid, 0)
 
 
