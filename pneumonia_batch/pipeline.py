@@ -45,6 +45,10 @@ def _start_decode_worker(parent_pid: int) -> None:
     down in order: a worker ended while sending its result would leave half a message that
     the pool then waits for forever.
     """
+    # spawn passes on the starting thread's mask and ignored signals: _decode_in_time needs SIGALRM
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
     def watch():
         while os.getppid() == parent_pid:
             received = signal.sigtimedwait({signal.SIGTERM}, 1)

@@ -1,6 +1,9 @@
 """Decode workers: order, failures and a worker process that dies."""
 
+import faulthandler
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +18,9 @@ def marker_decode(path: str, kind: str):
     """A stand-in decoder: an image filled with the file's number; 'crash' files kill the process,
     'hang' files never return."""
     name = Path(path).name
+    if "foreign-sigterm" in name:  # as a service manager stopping the whole service would send it
+        subprocess.run(["kill", "-TERM", str(os.getpid())], check=True)
+        time.sleep(0.5)
     if "hang" in name:
         Path(path).with_suffix(".pid").write_text(str(os.getpid()))
         time.sleep(3600)  # as a codec caught in a loop on a damaged file
@@ -23,6 +29,14 @@ def marker_decode(path: str, kind: str):
         os._exit(1)  # as a codec segfault or the OOM killer would end the process
     # full-size results: a result larger than a pipe's buffer blocks a worker until it is read
     return np.full((224, 224, 3), int(name.split("_")[0]), np.uint8), "", ""
+
+
+@pytest.fixture(autouse=True)
+def ends_or_fails():
+    """A hang here would hang the whole suite: after five minutes, print every thread's stack and exit."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def files(names, folder):
@@ -58,7 +72,14 @@ def test_a_decoder_dying_while_earlier_files_are_handed_on(tmp_path):
 
 def test_a_stuck_decoder_is_given_up_and_its_process_ended(tmp_path):
     items = files([f"{i:02d}_{'hang' if i == 3 else 'ok'}.png" for i in range(12)], tmp_path)
-    out = list(decoded(items, workers=2, decode=marker_decode, timeout=2))
+    # spawn passes the starting thread's ignored and blocked signals on to the decode processes
+    ignored = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        out = list(decoded(items, workers=2, decode=marker_decode, timeout=2))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGALRM, ignored)
     assert [item.rel for item, _ in out] == [item.rel for item in items]
     stuck = [item for item, array in out if array is None]
     assert [item.rel for item in stuck] == ["03_hang.png"]
@@ -67,6 +88,14 @@ def test_a_stuck_decoder_is_given_up_and_its_process_ended(tmp_path):
     pid = int((tmp_path / "03_hang.pid").read_text())
     with pytest.raises(ProcessLookupError):  # ended and reaped, not left sleeping
         os.kill(pid, 0)
+
+
+def test_a_stop_signal_from_another_process_is_left_to_the_screening_process(tmp_path):
+    # The screening process shuts the pool down in order; a worker ended mid-send would leave half
+    # a result in the pipe that the pool waits on forever.
+    items = files([f"{i:02d}_{'foreign-sigterm' if i == 2 else 'ok'}.png" for i in range(6)], tmp_path)
+    out = list(decoded(items, workers=2, decode=marker_decode))
+    assert [array[0, 0, 0] for _, array in out] == list(range(6))  # every file decoded, none an error
 
 
 def test_two_dying_decoders_in_one_window(tmp_path):
