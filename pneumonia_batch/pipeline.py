@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
@@ -34,15 +34,13 @@ def default_workers() -> int:
 
 
 def _start_decode_worker(parent_pid: int) -> None:
-    """Worker initializer: a decode process ends when the screening process is gone, or when
-    the screening process's pool ends it.
+    """Worker initializer: a decode process ends when the screening process is gone (after a
+    kill -9 nothing shuts the pool down, and a worker holding a result would wait forever), or
+    when the pool ends it: after one worker dies, the pool SIGTERMs the others and waits for them.
 
-    After a kill -9 of the screening process nothing shuts the pool down, and a worker holding
-    a result would wait forever.  When one worker dies, the pool ends the others with SIGTERM
-    and waits for them; the workers keep SIGTERM blocked (``_stop_signals_blocked``), so this
-    thread acts on a SIGTERM from the screening process alone.  Another sender's (a service
-    manager stopping the whole service) is left to the screening process, which shuts the pool
-    down in order: a worker ended while sending its result would leave half a message that
+    SIGTERM stays blocked (``_stop_signals_blocked``), and this thread acts on the screening
+    process's own only.  A service manager's is left to the screening process, which shuts the
+    pool down in order: a worker ended while sending its result would leave half a message that
     the pool then waits for forever.
     """
     # spawn passes on the starting thread's mask and ignored signals: _decode_in_time needs SIGALRM
@@ -133,14 +131,10 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
     def submit(item):
         try:
             future = submitted(pool, item)
-        except BrokenProcessPool:  # a process died since the last look: handled at this file's turn
-            future = None
+        except BrokenProcessPool as refused:  # a process died since the last look: recovered at this file's turn
+            future = Future()
+            future.set_exception(refused)
         queue.append((item, future))
-
-    def outcome(future):
-        if future is None:
-            raise BrokenProcessPool("submitted to a pool that was already broken")
-        return future.result()
 
     try:
         for item in todo:
@@ -150,7 +144,7 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
         while queue:
             item, future = queue.popleft()
             try:
-                array, note, error = outcome(future)
+                array, note, error = future.result()
             except BrokenProcessPool:
                 pool.shutdown(cancel_futures=True)
                 pool = new_pool()
