@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
+def write_atomic(path: Path, content: str | bytes, follow_link: bool = True) -> None:
     """Write ``content`` to ``path`` atomically (see ``save_atomic``)."""
     binary = isinstance(content, bytes)
     text_mode = {} if binary else {"newline": "", "encoding": "utf-8"}  # not the locale's: cron's may be ASCII
@@ -20,23 +20,30 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         with open(tmp, "wb" if binary else "w", **text_mode) as handle:
             handle.write(content)
 
-    save_atomic(path, write)
+    save_atomic(path, write, follow_link=follow_link)
 
 
-def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp") -> None:
+def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
+                follow_link: bool = True) -> None:
     """Have ``save`` write a temp file in the same folder, fsync it, then rename it over ``path`` and
     fsync the folder.  The temp file's name ends in ``suffix``, for writers that pick the format
     from it (Keras: ``.keras`` or ``.h5``).
 
-    A symlink is followed, as a shell's ``>`` would: its target is replaced, the link stays.
+    A symlink is followed, as a shell's ``>`` would: its target is replaced, the link stays.  With
+    ``follow_link=False`` the link itself is replaced: in a folder others can write in, a link
+    placed there must not send the write elsewhere.
     """
-    path = Path(os.path.realpath(path))
+    path = Path(os.path.realpath(path) if follow_link else os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        try:  # a file replaced keeps its permissions: a report an admin made private stays private
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+        try:
+            replaced = os.stat(path, follow_symlinks=follow_link)
         except FileNotFoundError:
+            replaced = None
+        if replaced and not stat.S_ISLNK(replaced.st_mode):
+            mode = stat.S_IMODE(replaced.st_mode)  # kept: a report an admin made private stays private
+        else:  # a new file, or one in place of a link
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask  # mkstemp's 0600 would surprise whoever reads the report
@@ -65,8 +72,8 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+def write_json_atomic(path: Path, payload, follow_link: bool = True) -> None:
+    write_atomic(path, json.dumps(payload, indent=2) + "\n", follow_link=follow_link)
 
 
 def cannot_write_in(folder: Path) -> str:

@@ -6,7 +6,8 @@ top-level ``worklist.csv`` and ``index.html`` are rebuilt from every study
 folder present, so a study once exported stays listed: later runs only add.
 Folder and file names come from identifiers that may contain anything, so
 they are reduced to safe characters and suffixed with a hash of the study
-key: unique, stable across runs, and always inside the export folder.
+key: unique, stable across runs, and always inside the export folder, where a
+link someone placed is replaced rather than written through.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def _copy_refusal(path: Path, real_root: Path) -> str:
     return "" if stat.S_ISREG(mode) else "not a regular file"
 
 
+def _is_export_file(path: Path) -> bool:
+    """A file the export wrote: the review share may be writable by many, and a link placed there
+    (to a file outside, say) is replaced, never written through or taken for the export's own."""
+    return path.is_file() and not path.is_symlink()
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -104,9 +111,10 @@ def _copy(source: Path, target: Path) -> None:
     renamed: a run stopped half-way through it leaves no truncated file that later runs would
     take for the export.
     """
-    if target.is_file() and not _same_file(source, target):  # an older export's hard link is replaced
+    if _is_export_file(target) and not _same_file(source, target):  # an older export's hard link is replaced
         return
     partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)  # a link left in its place would be written through
     try:
         shutil.copyfile(source.resolve(), partial)  # the review share's own permissions, not the archive's
         modified = source.stat().st_mtime_ns
@@ -158,7 +166,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                 entry.update(exported_as=None, not_exported=refusal)
             else:
                 try:
-                    _copy(item.path, _inside(export_dir, folder / name))
+                    _copy(item.path, folder / name)  # a safe name: no separator, no leading dot
                 except OSError as exc:  # gone since the scan, a full disk: listed, and retried
                     entry.update(exported_as=None, export_error=exc.strerror or str(exc))
                     if not (item.status == "error" and exc.errno in UNREADABLE):  # its error row says so
@@ -168,7 +176,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                 overlay_name = f"overlay_{name}.model-{info.sha256[:8]}.png"
                 overlay_path = folder / overlay_name
                 made_now = False
-                if not overlay_path.exists():  # a rerun does not recompute it
+                if not _is_export_file(overlay_path):  # a rerun does not recompute it
                     if model is None:  # TensorFlow only when an overlay is really needed
                         from .model import load_keras_model
 
@@ -179,7 +187,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     except Exception as exc:  # the file changed or vanished since it was scored
                         entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
                         problems.append(f"{item.rel}: no overlay: {entry['overlay_error']}")
-                if overlay_path.exists():
+                if _is_export_file(overlay_path):
                     entry["overlay"] = overlay_name
                     # Made once, kept in result.json: rebuilding the page each night then reads
                     # no image, however large the export has grown.
@@ -194,7 +202,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         result = {key: record[key] for key in record if key != "images"}
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
                       export_version=1)
-        write_json_atomic(folder / RESULT_FILE, result)
+        write_json_atomic(folder / RESULT_FILE, result, follow_link=False)
     rebuild_index(export_dir)
     return outcome
 
@@ -211,7 +219,7 @@ def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     picture = overlay(grey, cam)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    write_atomic(target, buffer.getvalue())
+    write_atomic(target, buffer.getvalue(), follow_link=False)
 
 
 def _stored_thumbnail(image) -> str | None:
@@ -263,8 +271,8 @@ def rebuild_index(export_dir: Path) -> None:
     writer.writeheader()
     for result in results:
         writer.writerow({k: safe_cell(result.get(k)) for k in WORKLIST_COLUMNS})
-    write_atomic(export_dir / "worklist.csv", buffer.getvalue())
-    write_atomic(export_dir / "index.html", render_html(export_dir, results))
+    write_atomic(export_dir / "worklist.csv", buffer.getvalue(), follow_link=False)
+    write_atomic(export_dir / "index.html", render_html(export_dir, results), follow_link=False)
 
 
 def _thumbnail(path: Path) -> str:

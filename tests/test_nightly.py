@@ -759,6 +759,35 @@ def test_the_export_copies_only_regular_files_inside_the_screened_folder(tmp_pat
     assert copied.read_bytes() == (study / "cxr.jpeg").read_bytes()
 
 
+def test_links_placed_in_the_review_folder_are_replaced_never_written_through(tmp_path):
+    """The review share may be writable by many: a link there must not make the export write elsewhere."""
+    from pneumonia_batch.discover import InputFile
+    from pneumonia_batch.export import exported_name
+
+    studies = make_studies(tmp_path / "studies", 1)
+    image = studies / "child000" / "cxr.jpeg"
+    copy = exported_name(InputFile(rel="child000/cxr.jpeg", path=image, size=image.stat().st_size,
+                                   mtime=image.stat().st_mtime))
+    export = tmp_path / "review"
+    folder = export / f"no-patient-id_no-date_{hashlib.sha256(b'path:child000').hexdigest()[:10]}"
+    folder.mkdir(parents=True)
+    outside = {}
+    for name in ["worklist.csv", "index.html", f"{folder.name}/result.json", f"{folder.name}/{copy}",
+                 f"{folder.name}/.{copy}.partial", f"{folder.name}/overlay_{copy}.model-{SHIPPED_SHA[:8]}.png"]:
+        outside[name] = tmp_path / f"outside-{Path(name).name}"
+        outside[name].write_text("another department's file")
+        os.symlink(outside[name], export / name)
+    result = run(studies, "--out", tmp_path / "r.csv", "--threshold", "0", "--export-flagged", export)
+    assert result.returncode == 0, result.stderr
+    assert all(path.read_text() == "another department's file" for path in outside.values())
+    assert not [p for p in export.rglob("*") if p.is_symlink()]
+    (entry,) = json.loads((folder / "result.json").read_text())["images"]
+    assert (entry["exported_as"], entry["overlay"]) == (copy, f"overlay_{copy}.model-{SHIPPED_SHA[:8]}.png")
+    assert (folder / copy).read_bytes() == image.read_bytes()
+    assert (folder / entry["overlay"]).read_bytes().startswith(b"\x89PNG")
+    assert "child000" in (export / "worklist.csv").read_text() and "thumbnail_error" not in entry
+
+
 def test_a_new_model_draws_its_own_overlays(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     export = tmp_path / "review"
