@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +45,7 @@ class AuditLog:
     """JSON lines, one per event, flushed as written.  Never pixel data."""
 
     def __init__(self, path: Path | None, run_id: str):
+        self.path = path
         self.handle = open(path, "a", encoding="utf-8") if path else None
         self.run_id = run_id
 
@@ -52,8 +53,14 @@ class AuditLog:
         if self.handle:
             line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
                     "event": kind, "run_id": self.run_id, **fields}
-            self.handle.write(json.dumps(line) + "\n")
-            self.handle.flush()
+            try:
+                self.handle.write(json.dumps(line) + "\n")
+                self.handle.flush()
+            except OSError as exc:  # a full disk says only "No space left on device": name the log
+                handle, self.handle = self.handle, None
+                with suppress(OSError):  # the line is still buffered: closing fails the same way
+                    handle.close()
+                raise OSError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         if self.handle:

@@ -211,6 +211,15 @@ def test_an_existing_log_in_a_closed_folder_is_appended_to(tmp_path):
     assert result.returncode == 4 and "--log-file: cannot append to" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_log_on_a_full_disk_is_named(tmp_path):
+    """/dev/full opens like a log on a full disk: every write then fails with ENOSPC alone."""
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--log-file", "/dev/full")
+    assert result.returncode == 4
+    assert result.stderr == "error: cannot write the audit log /dev/full: No space left on device\n"
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_a_closed_stderr_does_not_stop_screening(tmp_path):
     """A cron line ending in 2>&- : no progress bar, no message, but the report all the same."""
     command = [sys.executable, str(ROOT / "screen.py"), str(EXAMPLES), "--out", str(tmp_path / "r.csv"), "-q"]
