@@ -289,7 +289,12 @@ def decode_grey(path: Path, min_side: int | None = None) -> tuple[np.ndarray, st
     ds = read_dataset(path, stop_before_pixels=False)
     check_pixel_data_length(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    frame = _reduced_frame(ds, min_side) if min_side else None
+    frame = None
+    if min_side:
+        try:
+            frame = _reduced_frame(ds, min_side)
+        except Exception:  # Pillow is stricter than the codec (a stream without its end marker): decode in full
+            frame = None
     if frame is None:
         frame = pydicom.pixels.pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     note = f"first of {frames} frames" if frames > 1 else ""

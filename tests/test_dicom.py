@@ -9,7 +9,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000, JPEG2000Lossl
 
 from pneumonia_batch import dicom
 from pneumonia_batch.preprocess import grey_to_image, model_input_from_file, to_model_input
-from tests.dicom_factory import (chest_pixels, make_dataset, save, save_jpeg_baseline,
+from tests.dicom_factory import (EXAMPLES, chest_pixels, make_dataset, save, save_jpeg_baseline,
                                  save_without_meta)
 
 
@@ -265,6 +265,19 @@ def test_half_resolution_jpeg2000_scales_by_the_codestreams_bit_depth(tmp_path):
     half, _ = dicom.decode_grey(path, min_side=672)
     assert half.shape == (700, 700)
     assert full.mean() > 0.5 and abs(half.mean() - full.mean()) < 0.005
+
+
+def test_a_jpeg2000_stream_the_half_resolution_reader_refuses_is_decoded_in_full(tmp_path):
+    """With its end-of-codestream marker overwritten, Pillow refuses the shipped JPEG 2000 radiograph,
+    which the DICOM codec still reads whole: the faster path must not make a readable image an error row."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(EXAMPLES / "dicom" / "RG1_J2KR.dcm")
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert codestream.endswith(b"\xff\xd9")
+    ds.PixelData = encapsulate([codestream[:-2] + b"\0\0"])
+    grey, _ = dicom.decode_grey(save(ds, tmp_path / "end-marker-overwritten.dcm"), min_side=224)
+    np.testing.assert_array_equal(grey, grey_of(EXAMPLES / "dicom" / "RG1_J2KR.dcm"))
 
 
 def test_empty_rescale_window_or_voi_lut_sequence_is_no_transform(tmp_path, pixels):
