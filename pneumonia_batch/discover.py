@@ -177,6 +177,31 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
         item.finish("skipped", reason)
 
 
+# A DICOM file without its 128-byte preamble starts with its first tag: group 0002 (file meta) or
+# 0008, little- or big-endian.
+DICOM_WITHOUT_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def may_be_dicom_cut_short(item: InputFile) -> bool:
+    """Whether a file without a StudyInstanceUID may be a DICOM instance still being copied in.
+
+    An empty file, one shorter than the preamble and its DICM prefix, or a DICOM header cut before
+    the UID may yet name any study.  A PNG or JPEG, or a file that began as something else (a
+    receiver's log being appended to), never will.
+    """
+    if item.header and item.header.study_instance_uid:
+        return False
+    if item.kind == "dicom" or item.size < 132:
+        return True
+    if item.kind != "other":
+        return False
+    try:
+        with open(item.path, "rb") as handle:
+            return handle.read(2) in DICOM_WITHOUT_PREAMBLE_STARTS
+    except OSError:  # unreadable for now: as likely a file still being written
+        return True
+
+
 def eligibility_skip(header: dicom.DicomHeader, header_filter: bool) -> str | None:
     """Why the instance is skipped; without the header filter, only what is never an image."""
     reason = dicom.skip_reason(header)

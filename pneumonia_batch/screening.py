@@ -257,21 +257,24 @@ def _needs_reporting(study: discover.Study, restored: set[str], reported: set[st
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
     """A study with a file younger than ``min_age`` seconds is still being copied in.
 
-    A file caught half-written may not have its StudyInstanceUID yet (or even
-    its DICOM prefix), so it cannot name its study: then every study with a
+    A DICOM file caught half-written may not have its StudyInstanceUID yet (or
+    even its DICM prefix), so it cannot name its study: then every study with a
     file in its folder waits too.
     """
     if min_age <= 0:
         return
     cutoff = time.time() - min_age
-
-    def unplaced(item: discover.InputFile) -> bool:
-        return item.mtime > cutoff and not (item.header and item.header.study_instance_uid)
-
-    folders = {f.path.parent for s in studies for f in s.files if unplaced(f)}
+    unplaced = {f.rel: f for s in studies for f in s.files
+                if f.mtime > cutoff and discover.may_be_dicom_cut_short(f)}
+    waited_for = {f.path.parent: f for f in unplaced.values()}
     for study in studies:
-        if any(f.mtime > cutoff or f.path.parent in folders for f in study.files):
-            for item in study.files:
-                if item.status in ("pending", "scored") or unplaced(item):
-                    item.finish("deferred", f"modified less than {min_age:g} s ago")
+        recent = [f for f in study.files if f.mtime > cutoff]
+        nearby = [waited_for[f.path.parent] for f in study.files if f.path.parent in waited_for]
+        if not (recent or nearby):
+            continue
+        blocker = (recent or nearby)[0]
+        for item in study.files:
+            if item.status in ("pending", "scored") or item.rel in unplaced:
+                why = "" if item.mtime > cutoff else f"waiting for {blocker.rel}, "
+                item.finish("deferred", f"{why}modified less than {min_age:g} s ago")
 

@@ -7,7 +7,8 @@ import pytest
 from pydicom.uid import JPEG2000, generate_uid
 
 from pneumonia_batch import discover
-from tests.dicom_factory import make_dataset, save
+from pneumonia_batch.images import PNG_SIGNATURE
+from tests.dicom_factory import make_dataset, save, save_without_meta
 
 PIXELS = np.full((16, 16), 100, np.uint16)
 
@@ -135,3 +136,16 @@ def test_a_large_file_that_only_resembles_dicom_is_not_read_into_memory(tmp_path
     assert result.returncode == 0, result.stderr
     status, peak_mb = result.stdout.split()
     assert status != "pending" and int(peak_mb) < 200, result.stdout
+
+
+def test_only_a_file_that_may_still_become_dicom_can_be_a_dicom_file_cut_short(tmp_path):
+    whole = save(make_dataset(PIXELS, study_uid="1.2.3"), tmp_path / "whole.dcm").read_bytes()
+    bare = save_without_meta(make_dataset(PIXELS, study_uid="1.2.3"), tmp_path / "bare").read_bytes()
+    (tmp_path / "cut").mkdir()
+    for name, content in [("empty", b""), ("preamble", whole[:100]), ("header", whole[:300]),
+                          ("bare", bare[:20] + b"\0" * 200), ("whole.dcm", whole), ("log", b"I: started\n" * 20),
+                          ("cxr.png", PNG_SIGNATURE + b"\0" * 200)]:
+        (tmp_path / "cut" / name).write_bytes(content)
+    files = found(tmp_path / "cut")
+    assert {rel for rel, item in files.items() if discover.may_be_dicom_cut_short(item)} == {
+        "empty", "preamble", "header", "bare"}

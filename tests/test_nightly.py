@@ -674,6 +674,29 @@ def test_a_file_caught_half_written_defers_its_folder(tmp_path, written):
     assert (study["study_id"], study["status"], study["n_scored"]) == (uid, "scored", "2")
 
 
+def test_a_fresh_file_that_cannot_be_dicom_does_not_hold_up_its_folder(tmp_path):
+    """A receiver's log, appended to all night beside the instances, can never name a study."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    uids = ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"]
+    for uid in uids:
+        os.utime(save(make_dataset(chest_pixels(), study_uid=uid), studies / f"{uid}.dcm"), (OLD, OLD))
+    (studies / "storescp.log").write_text("I: Association Received 10.0.0.7\n" * 20)
+    result = run(studies, "--out", tmp_path / "r1.csv", "--min-age", "60")
+    assert result.returncode == 0, result.stderr
+    assert {r["study_id"]: (r["status"], r["reason"]) for r in rows(tmp_path / "r1.csv")} == {
+        uids[0]: ("scored", ""), uids[1]: ("scored", ""), "storescp.log": ("skipped", "not_an_image (1)")}
+    # an instance caught before its DICM prefix could belong to either study: both wait, and say for what
+    whole = save(make_dataset(chest_pixels(), study_uid=uids[0]), tmp_path / "3.dcm").read_bytes()
+    (studies / "3.dcm").write_bytes(whole[:100])
+    result = run(studies, "--out", tmp_path / "r2.csv", "--min-age", "60")
+    assert result.returncode == 0, result.stderr
+    waiting = ("deferred", "deferred: waiting for 3.dcm, modified less than 60 s ago (1)")
+    assert {r["study_id"]: (r["status"], r["reason"]) for r in rows(tmp_path / "r2.csv")} == {
+        uids[0]: waiting, uids[1]: waiting, "3.dcm": ("deferred", "deferred: modified less than 60 s ago (1)"),
+        "storescp.log": ("skipped", "not_an_image (1)")}
+
+
 def test_a_changed_header_filter_decides_stored_files_again(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
