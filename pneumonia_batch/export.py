@@ -52,18 +52,9 @@ def safe_name(text: str, fallback: str, limit: int = 40) -> str:
 
 
 def study_folder_name(record: dict) -> str:
+    digest = hashlib.sha256(record["study_key"].encode()).hexdigest()[:10]
     return "_".join([safe_name(record["patient_id"], "no-patient-id"),
-                     safe_name(record["study_date"], "no-date"), _study_digest(record["study_key"])])
-
-
-def _study_digest(study_key: str) -> str:
-    return hashlib.sha256(study_key.encode()).hexdigest()[:10]
-
-
-def _folders_by_study(export_dir: Path) -> dict[str, Path]:
-    """The study folders present, by the hash of the study that ends their names."""
-    return {path.name.rsplit("_", 1)[-1]: path for path in sorted(export_dir.iterdir())
-            if path.is_dir() and not path.is_symlink()}
+                     safe_name(record["study_date"], "no-date"), digest])
 
 
 def _inside(root: Path, path: Path) -> Path:
@@ -159,14 +150,8 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]
     outcome = ExportOutcome(exported=len(flagged))
     model = None
-    present = _folders_by_study(export_dir)
     for study, record in flagged:
         folder = _inside(export_dir, export_dir / study_folder_name(record))
-        earlier = present.get(_study_digest(record["study_key"]))
-        if earlier and earlier != folder and not os.path.lexists(folder):
-            # a corrected patient ID or study date: the study keeps one folder, under its new name,
-            # rather than a second entry on the worklist and a copy filed under the wrong patient
-            os.rename(earlier, folder)
         folder.mkdir(exist_ok=True)
         known_thumbnails = _thumbnails_of(folder)
         images = []

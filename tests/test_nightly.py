@@ -811,26 +811,6 @@ def test_links_placed_in_the_review_folder_are_replaced_never_written_through(tm
     assert "child000" in (export / "worklist.csv").read_text() and "thumbnail_error" not in entry
 
 
-def test_a_study_whose_patient_id_is_corrected_keeps_one_folder_under_the_new_id(tmp_path):
-    """A temporary ID merged into the real one: the archive sends the study again."""
-    studies, export = tmp_path / "studies", tmp_path / "review"
-    uid = "1.2.826.0.1.3680043.8.498.7"
-    studies.mkdir()
-    path = save(make_dataset(chest_pixels(), study_uid=uid, patient_id="TEMP-0815"), studies / "1.dcm")
-    args = ["--threshold", "0", "--export-flagged", export]
-    assert run(studies, "--out", tmp_path / "r1.csv", *args).returncode == 0
-    (first,) = [p.name for p in export.iterdir() if p.is_dir()]
-    save(make_dataset(chest_pixels(), study_uid=uid, patient_id="P-4711"), path)
-    assert run(studies, "--out", tmp_path / "r2.csv", *args).returncode == 0
-    (folder,) = [p for p in export.iterdir() if p.is_dir()]
-    assert first.startswith("TEMP-0815_20260101_") and folder.name == first.replace("TEMP-0815", "P-4711")
-    with open(export / "worklist.csv", newline="") as handle:
-        assert [(r["patient_id"], r["folder"]) for r in csv.DictReader(handle)] == [("P-4711", folder.name)]
-    result = json.loads((folder / "result.json").read_text())
-    assert (result["patient_id"], result["folder"], len(result["images"])) == ("P-4711", folder.name, 1)
-    assert (folder / result["images"][0]["exported_as"]).read_bytes() == path.read_bytes()
-
-
 def test_a_new_model_draws_its_own_overlays(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     export = tmp_path / "review"
