@@ -185,9 +185,10 @@ DICOM_WITHOUT_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x
 def may_be_dicom_cut_short(item: InputFile) -> bool:
     """Whether a file without a StudyInstanceUID may be a DICOM instance still being copied in.
 
-    An empty file, one shorter than the preamble and its DICM prefix, or a DICOM header cut before
-    the UID may yet name any study.  A PNG or JPEG, or a file that began as something else (a
-    receiver's log being appended to), never will.
+    An empty file, one shorter than the preamble and its DICM prefix, one whose DICM prefix is still
+    zeros (a copy that sets the file's size first: Windows onto a share, rsync --preallocate), or a
+    DICOM header cut before the UID may yet name any study.  A PNG or JPEG, or a file that began as
+    something else (a receiver's log being appended to), never will.
     """
     if item.header and item.header.study_instance_uid:
         return False
@@ -197,9 +198,10 @@ def may_be_dicom_cut_short(item: InputFile) -> bool:
         return False
     try:
         with open(item.path, "rb") as handle:
-            return handle.read(2) in DICOM_WITHOUT_PREAMBLE_STARTS
+            head = handle.read(132)
     except OSError:  # unreadable for now: as likely a file still being written
         return True
+    return head[128:132] == bytes(4) or head[:2] in DICOM_WITHOUT_PREAMBLE_STARTS
 
 
 def eligibility_skip(header: dicom.DicomHeader, header_filter: bool) -> str | None:

@@ -60,7 +60,7 @@ class AuditLog:
                 handle, self.handle = self.handle, None
                 with suppress(OSError):  # the line is still buffered: closing fails the same way
                     handle.close()
-                raise OSError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
+                raise OSError(f"cannot write the audit log {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         if self.handle:

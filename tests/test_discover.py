@@ -143,9 +143,11 @@ def test_only_a_file_that_may_still_become_dicom_can_be_a_dicom_file_cut_short(t
     bare = save_without_meta(make_dataset(PIXELS, study_uid="1.2.3"), tmp_path / "bare").read_bytes()
     (tmp_path / "cut").mkdir()
     for name, content in [("empty", b""), ("preamble", whole[:100]), ("header", whole[:300]),
-                          ("bare", bare[:20] + b"\0" * 200), ("whole.dcm", whole), ("log", b"I: started\n" * 20),
+                          ("bare", bare[:20] + b"\0" * 200), ("preallocated", bytes(len(whole))),
+                          ("preallocated-begun", whole[:100] + bytes(len(whole) - 100)),
+                          ("whole.dcm", whole), ("log", b"I: started\n" * 20),
                           ("cxr.png", PNG_SIGNATURE + b"\0" * 200)]:
         (tmp_path / "cut" / name).write_bytes(content)
     files = found(tmp_path / "cut")
     assert {rel for rel, item in files.items() if discover.may_be_dicom_cut_short(item)} == {
-        "empty", "preamble", "header", "bare"}
+        "empty", "preamble", "header", "bare", "preallocated", "preallocated-begun"}
