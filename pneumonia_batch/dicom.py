@@ -293,8 +293,8 @@ def decode_grey(path: Path, min_side: int | None = None) -> tuple[np.ndarray, st
     if min_side:
         try:
             frame = _reduced_frame(ds, min_side)
-        except Exception:  # Pillow is stricter than the codec (a stream without its end marker): decode in full
-            frame = None
+        except Exception:  # Pillow is stricter than the codec (an overwritten end marker): decode in full
+            pass
     if frame is None:
         frame = pydicom.pixels.pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     note = f"first of {frames} frames" if frames > 1 else ""

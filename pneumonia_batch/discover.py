@@ -190,12 +190,10 @@ def may_be_dicom_cut_short(item: InputFile) -> bool:
     DICOM header cut before the UID may yet name any study.  A PNG or JPEG, or a file that began as
     something else (a receiver's log being appended to), never will.
     """
-    if item.header and item.header.study_instance_uid:
+    if (item.header and item.header.study_instance_uid) or item.kind in ("png", "jpeg"):
         return False
     if item.kind == "dicom" or item.size < 132:
         return True
-    if item.kind != "other":
-        return False
     try:
         with open(item.path, "rb") as handle:
             head = handle.read(132)

@@ -120,6 +120,10 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
             return ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                        initializer=_start_decode_worker, initargs=(os.getpid(),))
 
+    def replaced(broken):  # the files in flight go with the broken pool: the caller resubmits them
+        broken.shutdown(cancel_futures=True)
+        return new_pool()
+
     def submitted(pool, item):
         with _stop_signals_blocked():  # a submit may start a worker
             return pool.submit(_decode_in_time, decode, timeout, str(item.path), item.kind)
@@ -146,8 +150,7 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
             try:
                 array, note, error = future.result()
             except BrokenProcessPool:
-                pool.shutdown(cancel_futures=True)
-                pool = new_pool()
+                pool = replaced(pool)
                 started = time.monotonic()
                 try:
                     array, note, error = submitted(pool, item).result()
@@ -155,8 +158,7 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
                     took_too_long = time.monotonic() - started >= timeout
                     array, note, error = None, "", (f"decoding took longer than {timeout} s: given up"
                                                     if took_too_long else "decoder process crashed on this file")
-                    pool.shutdown(cancel_futures=True)
-                    pool = new_pool()
+                    pool = replaced(pool)
                 in_flight = [waiting for waiting, _ in queue]
                 queue.clear()
                 for waiting in in_flight:

@@ -146,7 +146,7 @@ def test_only_a_file_that_may_still_become_dicom_can_be_a_dicom_file_cut_short(t
                           ("bare", bare[:20] + b"\0" * 200), ("preallocated", bytes(len(whole))),
                           ("preallocated-begun", whole[:100] + bytes(len(whole) - 100)),
                           ("whole.dcm", whole), ("log", b"I: started\n" * 20),
-                          ("cxr.png", PNG_SIGNATURE + b"\0" * 200)]:
+                          ("cxr.png", PNG_SIGNATURE + b"\0" * 200), ("begun.png", PNG_SIGNATURE)]:
         (tmp_path / "cut" / name).write_bytes(content)
     files = found(tmp_path / "cut")
     assert {rel for rel, item in files.items() if discover.may_be_dicom_cut_short(item)} == {

@@ -291,11 +291,15 @@ print((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == han
 
 def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
     studies = make_studies(tmp_path / "studies", 2)
+    shutil.copy(studies / "child001" / "cxr.jpeg", studies / "child001" / "lateral.jpeg")
+    os.utime(studies / "child001" / "lateral.jpeg", (OLD, OLD))
     os.utime(studies / "child001" / "cxr.jpeg")  # just copied in
     state = tmp_path / "state.db"
     run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
-    first = {r["study_id"]: r["status"] for r in rows(tmp_path / "r1.csv")}
-    assert first == {"child000": "scored", "child001": "deferred"}
+    first = {r["study_id"]: (r["status"], r["reason"]) for r in rows(tmp_path / "r1.csv")}
+    assert first == {"child000": ("scored", ""), "child001": (
+        "deferred", "deferred: modified less than 60 s ago (1); "
+                    "deferred: waiting for child001/cxr.jpeg, modified less than 60 s ago (1)")}
     os.utime(studies / "child001" / "cxr.jpeg", (OLD, OLD))
     run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
     assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r2.csv")} == {"child001": "scored"}
