@@ -14,19 +14,13 @@ has a converted file, else ``keras``.
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, sha256_of
+from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, import_keras, sha256_of, stderr_without
 from .preprocess import scale_batch
-
-# TensorFlow's C++ start-up chatter is not for screening users; real errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RUNTIMES = ("auto", "tflite", "keras")
 INPUT_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
@@ -48,7 +42,7 @@ class KerasRunner:
 
     def __init__(self, model_path: Path, input_scale: str, batch_size: int | None = None,
                  jit: bool = False, mixed_precision: bool = False):
-        import keras
+        keras = import_keras()
         import tensorflow as tf
 
         from .model import load_keras_model
@@ -105,30 +99,6 @@ class KerasRunner:
 XNNPACK_NOTICE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
 
-@contextmanager
-def _stderr_without(notice: str):
-    """Hold back one known line that native code writes to file descriptor 2; pass on the rest."""
-    if sys.stderr:
-        sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # the caller closed stderr: nothing to hold back
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            rest = [line for line in captured.read().splitlines(keepends=True)
-                    if line.strip() != notice.encode()]
-            if rest:
-                os.write(2, b"".join(rest))
-
-
 class TFLiteRunner:
     """TensorFlow Lite with XNNPACK, one image per invoke (fastest on CPU here)."""
 
@@ -139,7 +109,7 @@ class TFLiteRunner:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # the interpreter that ships inside TensorFlow
             from tensorflow.lite.python.interpreter import Interpreter
-        with _stderr_without(XNNPACK_NOTICE):
+        with stderr_without(XNNPACK_NOTICE):
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
             self.interpreter.allocate_tensors()
         self.input_index = self.interpreter.get_input_details()[0]["index"]
@@ -194,8 +164,6 @@ def convert_to_tflite(model_path: Path) -> Path:
     import contextlib
     import io
 
-    import tensorflow as tf
-
     from .atomic import write_atomic, write_json_atomic
     from .model import load_keras_model, metadata_path, metadata_to_update, read_only
 
@@ -204,6 +172,8 @@ def convert_to_tflite(model_path: Path) -> Path:
     if read_only(target):
         raise ModelError(f"{target} is read-only")
     model = load_keras_model(model_path)
+    import tensorflow as tf
+
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     write_atomic(target, flatbuffer)

@@ -13,6 +13,9 @@ import hashlib
 import json
 import os
 import stat
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +33,50 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "densenet121_pneumonia.keras"
 
 
+# TensorFlow 2.21 prints these at import whatever TF_CPP_MIN_LOG_LEVEL says (its other start-up
+# chatter that level does hold back); cron would mail them every night.
+TENSORFLOW_IMPORT_NOTICES = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on.",
+)
+
+
 class ModelError(Exception):
     """The model file or its metadata is missing, corrupt or inconsistent."""
+
+
+@contextmanager
+def stderr_without(*notices: str):
+    """Hold back the known lines native code writes to file descriptor 2 (those holding one of
+    ``notices``); pass on the rest."""
+    if sys.stderr:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # the caller closed stderr: nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            rest = [line for line in captured.read().splitlines(keepends=True)
+                    if not any(notice.encode() in line for notice in notices)]
+            if rest:
+                os.write(2, b"".join(rest))
+
+
+def import_keras():
+    """Keras, and TensorFlow beneath it, imported without TensorFlow's start-up notices; real
+    errors still show."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with stderr_without(*TENSORFLOW_IMPORT_NOTICES):
+        import keras
+    return keras
 
 
 def sha256_of(path: Path) -> str:
@@ -154,7 +199,7 @@ def build_model(input_size: int | None = INPUT_SIZE, init: str = "random",
     about it.  ``input_size=None`` builds a resolution-free model for
     progressive-resizing training.
     """
-    import keras
+    keras = import_keras()
 
     keras.utils.set_random_seed(seed)
     shape = (input_size, input_size, 3)
@@ -188,7 +233,7 @@ def backbone_of(model):
 
 def load_keras_model(model_path: Path):
     """Load a .keras or .h5 classifier with Keras safe mode on (no Lambda code runs)."""
-    import keras
+    keras = import_keras()
 
     try:
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)

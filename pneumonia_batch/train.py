@@ -39,7 +39,7 @@ from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, writ
 from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, recorded_split,
                       resolve_split, split_by_patient, training_patients)
 from .discover import count_reasons
-from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model,
+from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model, import_keras,
                     metadata_path, read_only, sha256_of)
 from .preprocess import model_input_from_file
 
@@ -320,7 +320,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     Returns the saved model (in memory) and its metadata.
     """
-    import keras
+    keras = import_keras()
     import tensorflow as tf
 
     from .evaluate import calibrate_model

@@ -249,9 +249,13 @@ def test_ctrl_c_while_the_model_loads_exits_130(tmp_path, monkeypatch):
     assert result.exit_code == 130 and result.output == "interrupted: no report written\n"
 
 
-def test_quiet_run_writes_nothing_on_stderr(tmp_path):
-    """What cron mails: nothing on a good night, native libraries' notices included."""
-    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--quiet", "--runtime", "tflite")
+@pytest.mark.parametrize("options", [("--runtime", "tflite"), ("--runtime", "keras", "--export-flagged", "review")],
+                         ids=["tflite", "keras-and-export"])
+def test_quiet_run_writes_nothing_on_stderr(tmp_path, options):
+    """What cron mails: nothing on a good night, native libraries' notices included (LiteRT's, and
+    TensorFlow's at import for the Keras runtime and the review export's Grad-CAM)."""
+    options = [tmp_path / o if o == "review" else o for o in options]
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--quiet", *options)
     assert result.returncode == 0 and result.stderr == ""
     assert len(rows(tmp_path / "r.csv")) == 5  # the example studies
 
