@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sqlite3
@@ -18,6 +19,17 @@ from .inference import RUNTIMES
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
+
+
+class FiniteFloatRange(click.FloatRange):
+    """Click's FloatRange, refusing nan and the infinities too.  A range lets nan through (every
+    comparison with it is false): --threshold nan would flag nothing and still exit 0."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def to_stderr(message: str) -> None:
@@ -123,13 +135,13 @@ def main() -> None:
               help="With --init imagenet: epochs training the head on a frozen backbone first.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-fraction", default=0.1, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each class's patients held out of the train split for validation.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
               help="Early stopping patience (epochs, per phase).")
 @click.option("--target-sensitivity", default=0.97, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True),
+              type=FiniteFloatRange(0, 1, min_open=True),
               help="Pneumonia sensitivity the threshold is calibrated for on the validation split.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint folder (default runs/<model name>).")
@@ -177,7 +189,7 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_MODEL, show_default=True)
-@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.97,
+@click.option("--target-sensitivity", type=FiniteFloatRange(0, 1, min_open=True), default=0.97,
               show_default=True)
 @click.option("--local", is_flag=True,
               help="DATA_DIR/{NORMAL,PNEUMONIA} holds labelled images of your own (DICOM, PNG or JPEG, "
@@ -255,7 +267,7 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_MODEL, show_default=True,
               help="Keras model (.keras/.h5) with its metadata .json beside it.")
-@click.option("--threshold", type=click.FloatRange(0, 1),
+@click.option("--threshold", type=FiniteFloatRange(0, 1),
               help="Flag studies at or above this probability (default: the model's calibrated threshold).")
 @click.option("--input-scale", type=click.Choice(INPUT_SCALES),
               help="Pixel scaling for a model without metadata: raw 0..255, unit 0..1, imagenet mean/std.")
@@ -273,7 +285,7 @@ def evaluate(data_dir, model_path, split, out_dir):
                    "model and threshold are not scored again.  Also locks out concurrent runs (exit 3).")
 @click.option("--include-previous", is_flag=True,
               help="With --state: also report studies screened by earlier runs.")
-@click.option("--min-age", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--min-age", type=FiniteFloatRange(0), default=0, show_default=True,
               help="Defer studies with a file modified less than this many seconds ago (still arriving).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Append a JSON-lines audit log: one line per file outcome and per run start/end.")

@@ -30,6 +30,9 @@ INPUT_SCALES = ("raw", "unit", "imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The parts of a model's metadata that hold fields of their own (each optional here).
+METADATA_PARTS = ("preprocessing", "threshold", "training", "validation", "tflite")
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "densenet121_pneumonia.keras"
 
 
@@ -115,6 +118,9 @@ def checked_metadata(model_path: Path) -> dict:
         raise ModelError(f"no metadata file {meta_file.name} beside the model") from exc
     except (OSError, ValueError) as exc:
         raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(part) or {}, dict) for part in METADATA_PARTS):
+        raise ModelError(f"model metadata {meta_file} is not a metadata file of this tool: a JSON object, "
+                         f"whose fields {', '.join(METADATA_PARTS)} are objects where present")
     actual_sha = sha256_of(model_path)
     expected = meta.get("sha256")
     if expected != actual_sha:
@@ -175,15 +181,18 @@ def read_model_info(model_path: Path, input_scale: str | None = None,
     if threshold is not None:
         chosen, source = float(threshold), "command line"
     else:
-        stored = meta.get("threshold", {})
+        stored = meta.get("threshold") or {}
         if "value" not in stored:
             raise ModelError(f"metadata {meta_file.name} holds no threshold: run calibrate first "
                              "(screening also takes --threshold)")
-        chosen, source = float(stored["value"]), stored.get("method", "model metadata")
+        chosen, source = stored["value"], stored.get("method", "model metadata")
+        if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not 0 <= chosen <= 1:
+            raise ModelError(f"metadata {meta_file.name}: its threshold {chosen!r} is not a probability "
+                             "from 0 to 1")
     return ModelInfo(
         path=model_path,
         sha256=actual_sha,
-        threshold=chosen,
+        threshold=float(chosen),
         threshold_source=source,
         input_scale=scale,
         metadata=meta,

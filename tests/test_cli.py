@@ -142,6 +142,38 @@ def test_fatal_and_usage_exit_codes(tmp_path):
     assert result.returncode == 4 and "states the model's input scale, raw" in result.stderr
     assert run(EXAMPLES, "--out", tmp_path / "r.xlsx").returncode == 2
     assert run(EXAMPLES, "--out", tmp_path / "r.csv", "--threshold", "2").returncode == 2
+    for option in ("--threshold", "--min-age"):  # nan passes every range test: it compares false
+        result = run(EXAMPLES, "--out", tmp_path / "r.csv", option, "nan")
+        assert result.returncode == 2 and "'nan' is not a finite number" in result.stderr
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("metadata, refusal", [
+    ({"threshold": {"value": float("nan")}}, "threshold nan is not a probability"),
+    ({"threshold": {"value": 1.5}}, "threshold 1.5 is not a probability"),
+    ({"threshold": {"value": None}}, "threshold None is not a probability"),
+    ({"threshold": 0.3}, "not a metadata file of this tool"),
+    ({"preprocessing": "raw"}, "not a metadata file of this tool"),
+])
+def test_metadata_without_a_usable_threshold_is_refused(tmp_path, metadata, refusal):
+    from pneumonia_batch.model import ModelError, read_model_info
+
+    model = tmp_path / "m.keras"
+    model.symlink_to(ROOT / "weights" / "densenet121_pneumonia.keras")
+    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**meta, **metadata}))
+    with pytest.raises(ModelError, match=refusal):
+        read_model_info(model)
+
+
+def test_a_model_with_a_damaged_threshold_is_a_fatal_error(tmp_path):
+    model = tmp_path / "m.keras"
+    model.symlink_to(ROOT / "weights" / "densenet121_pneumonia.keras")
+    meta = json.loads((ROOT / "weights" / "densenet121_pneumonia.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**meta, "threshold": {"value": float("nan")}}))
+    result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--model", model)
+    assert (result.returncode, result.stderr) == (4, "error: metadata m.json: its threshold nan is not a "
+                                                      "probability from 0 to 1\n")
     assert not (tmp_path / "r.csv").exists()
 
 
