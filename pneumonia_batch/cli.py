@@ -316,6 +316,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     if export_dir is not None and export_dir.resolve() == directory.resolve():
         raise click.UsageError("--export-flagged must not be DIRECTORY itself: the exported copies would "
                                "be screened as new studies")
+    _check_outputs_apart({"--out": out, "--state": state_path, "--log-file": log_file, "--export-flagged": export_dir,
+                          "--model": model_path, "--model's metadata": model_path.with_suffix(".json")})
     _check_writable("--out", out)
     if state_path is not None:  # its lock file goes beside the name given, the database beside the target
         _check_writable("--state", state_path, also_beside_link=True)
@@ -356,6 +358,24 @@ def _bar(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
+    """Refuse two options naming one file (the report written over the audit log, the state or the
+    model's metadata), and a report, state or log file named onto an X-ray, which it would replace
+    or append to.  Both lose what the user gave us, silently, with exit 0."""
+    from .discover import image_kind_of
+
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise click.UsageError(f"{seen[real]} and {option} name the same file, {path}")
+        seen[real] = option
+        if option in ("--out", "--state", "--log-file") and (kind := image_kind_of(path)):
+            raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
 
 
 def _check_writable(option: str, path: Path, also_beside_link: bool = False) -> None:

@@ -177,6 +177,17 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
         item.finish("skipped", reason)
 
 
+def image_kind_of(path: Path) -> str | None:
+    """'png', 'jpeg' or 'dicom' when a file's first bytes say it is one (a DICOM file by its DICM
+    prefix), else None, also for a file that cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    return images.image_kind(head) or ("dicom" if head[128:132] == b"DICM" else None)
+
+
 # A DICOM file without its 128-byte preamble starts with its first tag: group 0002 (file meta) or
 # 0008, little- or big-endian.
 DICOM_WITHOUT_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")

@@ -177,6 +177,28 @@ def test_a_model_with_a_damaged_threshold_is_a_fatal_error(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+def test_outputs_that_would_overwrite_each_other_or_an_x_ray_are_refused(tmp_path):
+    studies = tmp_path / "studies"
+    shutil.copytree(EXAMPLES, studies)
+    before = {p: p.read_bytes() for p in studies.rglob("*") if p.is_file()}
+    x_ray = studies / "paediatric-normal" / NORMAL_JPEG.name
+    dicom = studies / "dicom" / "ot-abdomen.dcm"
+    report = tmp_path / "r.csv"
+    for args, refusal in [
+        (["--out", x_ray, "--format", "csv"], f"--out {x_ray} is an image (jpeg)"),
+        (["--out", report, "--log-file", dicom], f"--log-file {dicom} is an image (dicom)"),
+        (["--out", report, "--log-file", report], f"--out and --log-file name the same file, {report}"),
+        (["--out", report, "--state", tmp_path / "." / "r.csv"], "--out and --state name the same file"),
+        (["--out", report, "--export-flagged", report], "--out and --export-flagged name the same file"),
+        (["--out", tmp_path / "m.json", "--model", tmp_path / "m.keras"],
+         "--out and --model's metadata name the same file"),
+    ]:
+        result = run(studies, *args)
+        assert result.returncode == 2 and refusal in result.stderr, (args, result.stderr)
+    assert {p: p.read_bytes() for p in studies.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["studies"]
+
+
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A folder nothing can be written in: a read-only mount for root (which ignores mode bits)."""
