@@ -78,7 +78,7 @@ def read_dataset(path: Path, stop_before_pixels: bool, defer_size: int | None = 
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True, defer_size=defer_size)
-    if "TransferSyntaxUID" not in ds.file_meta:
+    if not ds.file_meta.get("TransferSyntaxUID"):  # absent, or sent empty
         if ds.original_encoding[0] is None:  # nothing was parsed
             raise InvalidDicomError("no DICOM elements found")
         implicit, little = ds.original_encoding
@@ -183,9 +183,11 @@ def _padding(ds, frame: np.ndarray) -> np.ndarray:
 def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     """Stored values of one frame -> presentation values in [0, 1], float32."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":
+    if photometric == "PALETTE COLOR":  # white is the palette's brightest entry, not the image's
+        entries, first, _ = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+        palette = pydicom.pixels.apply_color_lut(np.arange(first, first + (entries or 1 << 16)), ds)
         rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float32)
-        return _luminance(rgb) / float(rgb.max() or 1)
+        return _luminance(rgb) / float(palette.max() or 1)
     if frame.ndim == 3:  # RGB / YBR: pydicom has already converted YBR to RGB
         return _luminance(frame.astype(np.float32)) / float(2 ** int(ds.BitsStored) - 1)
 
@@ -196,10 +198,12 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     window = _first_window(ds)
     if ds.get("VOILUTSequence"):  # present and not empty
         item = ds.VOILUTSequence[0]
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        if bits == 8:  # pydicom 3.0 looks an 8-bit LUT up with uint8 indices, wrapping any over 255
+            item.LUTDescriptor = [entries, first, 16]  # (this copy only); its entries read the same
         # A LUT is indexed by integers: round the modality output rather than let floats truncate.
         indices = np.rint(values).astype(np.int64)
         voi = pydicom.pixels.apply_voi(indices, ds, index=0).astype(np.float32, copy=False)
-        bits = int(item.LUTDescriptor[2])
         grey = voi / float(2 ** bits - 1)
     elif window:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"

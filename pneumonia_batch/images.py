@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .preprocess import grey_to_image, own_range
 
@@ -32,6 +32,7 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
         if min_side and image.format == "JPEG":
             image.draft("L", (min_side, min_side))
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # upright as viewers show it (phone and web exports)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             # Pillow's convert("L") would clip every value above 255 to white; like DICOM
             # without a VOI, these are scaled from their own range.

@@ -96,6 +96,16 @@ def test_voi_lut_sequence_is_scaled_by_its_output_bits(tmp_path, pixels):
     np.testing.assert_allclose(grey, (4095 - pixels) / 4095.0, atol=1e-6)
 
 
+def test_an_8_bit_voi_lut_over_12_bit_values_is_looked_up_at_every_value(tmp_path, pixels):
+    """Older CR systems send VOI LUTs with 8-bit output; their 4096 entries must all be reachable."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = np.round(np.arange(4096) * 255 / 4095).astype("<u2").tobytes()
+    grey = grey_of(save(make_dataset(pixels, VOILUTSequence=[item]), tmp_path / "v8.dcm"))
+    np.testing.assert_allclose(grey, np.round(pixels.astype(np.int64) * 255 / 4095) / 255, atol=1e-6)
+    assert pixels.max() > 3000  # the test reaches entries far past 255
+
+
 def test_no_voi_scales_by_the_actual_range_not_the_dtype(tmp_path, pixels):
     narrow = (pixels // 4).astype(np.uint16)  # a 10-bit image in 16-bit storage
     grey = grey_of(save(make_dataset(narrow, bits_stored=16), tmp_path / "n.dcm"))
@@ -173,6 +183,30 @@ def test_rgb_secondary_capture_becomes_grey(tmp_path, pixels):
     np.testing.assert_allclose(grey, eight / 255.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("entry_scale", [257, 1], ids=["16-bit entries", "8-bit entries in 16-bit words"])
+def test_a_palette_image_is_scaled_by_its_palette_not_its_brightest_pixel(tmp_path, pixels, entry_scale):
+    """A dark image must stay dark: it uses only the lower half of a grey palette."""
+    indices = (pixels // 32).astype(np.uint8)  # 0..127 of the palette's 256 entries
+    ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8, sop_class=dicom.SECONDARY_CAPTURE,
+                      modality="CR")
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", (np.arange(256) * entry_scale).astype("<u2").tobytes())
+    grey = grey_of(save(ds, tmp_path / "palette.dcm"))
+    np.testing.assert_allclose(grey, indices / 255.0, atol=1e-5)
+    assert grey.max() < 0.5
+
+
+def test_an_empty_transfer_syntax_is_read_as_the_encoding_found(tmp_path, pixels):
+    path = save(make_dataset(pixels), tmp_path / "r.dcm")
+    data = path.read_bytes()
+    uid = b"1.2.840.10008.1.2.1\0"
+    blank = tmp_path / "blank.dcm"
+    blank.write_bytes(data.replace(uid, b" " * len(uid), 1))
+    assert pydicom.dcmread(blank, stop_before_pixels=True).file_meta.TransferSyntaxUID == ""
+    np.testing.assert_array_equal(grey_of(blank), grey_of(path))
+
+
 def test_truncated_pixel_data_is_refused(tmp_path, pixels):
     path = save(make_dataset(pixels), tmp_path / "t.dcm")
     data = path.read_bytes()
@@ -248,6 +282,21 @@ def test_16_bit_png_is_scaled_from_its_range_not_clipped(tmp_path):
     expected = (stored - stored.min()) / (stored.max() - stored.min()) * 255
     assert np.abs(grey - expected).max() <= 0.5
     assert (grey == 255).mean() < 0.01
+
+
+def test_a_jpeg_stored_sideways_with_an_orientation_tag_is_read_upright(tmp_path):
+    from PIL import Image
+
+    from pneumonia_batch.images import read_grey
+
+    upright = read_grey(EXAMPLES / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    sideways.save(tmp_path / "phone.jpeg", exif=exif, quality=95)
+    read = read_grey(tmp_path / "phone.jpeg")
+    assert read.size == upright.size != sideways.size
+    assert np.abs(np.asarray(read, float) - np.asarray(upright, float)).mean() < 2
 
 
 def test_half_resolution_jpeg2000_scales_by_the_codestreams_bit_depth(tmp_path):
