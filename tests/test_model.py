@@ -421,6 +421,15 @@ def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training
     (tmp_path / "afile").write_text("x")
     result = command("evaluate", data, "--out-dir", tmp_path / "afile" / "ev")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    # outputs inside a class folder: their plots would be read as X-rays of that class next time
+    result = command("evaluate", data, "--out-dir", data / "pneumonia" / "ev")
+    assert result.returncode == 2 and f"--out-dir {data / 'pneumonia' / 'ev'} is inside the labelled folder" \
+        in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
+                             str(data / "pneumonia" / "m.keras")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "is inside the labelled folder" in result.stderr, result.stderr
+    assert sorted(p.name for p in (data / "pneumonia").iterdir()) == sorted(
+        p.name for p in (ROOT / "examples" / "studies" / "paediatric-pneumonia").iterdir())
 
     result = command("calibrate", data, "--local")
     assert result.returncode == 1 and "no NORMAL images among the 2 usable ones" in result.stderr, result.stderr
