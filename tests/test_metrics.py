@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pneumonia_batch.evaluate import (confusion_matrix, metrics_at, roc_auc, threshold_for_sensitivity,
-                                      wilson_interval)
+from pneumonia_batch.evaluate import (RUNTIME_MARGIN, confusion_matrix, metrics_at, roc_auc,
+                                      threshold_for_sensitivity, wilson_interval)
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 SCORES = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.7, 0.6, 0.3, 0.95, 0.5])
@@ -33,15 +33,26 @@ def test_auc_ties_count_half():
     assert roc_auc(np.array([0, 1, 1]), np.array([0.2, 0.9, 0.8])) == pytest.approx(1.0)
 
 
-def test_calibration_finds_the_highest_threshold_reaching_the_target():
+def test_calibration_sits_just_below_the_pneumonia_probability_it_needs():
     rng = np.random.default_rng(1)
-    positives = np.linspace(0.01, 1.0, 100)  # sensitivity >= 0.97 needs 97 of them: t = 0.04
+    positives = np.linspace(0.01, 1.0, 100)  # sensitivity >= 0.97 needs 97 of them: 0.04 and above
     labels = np.r_[np.ones(100), np.zeros(50)].astype(int)
-    scores = np.r_[rng.permutation(positives), rng.uniform(0, 0.5, 50)]
+    scores = np.r_[rng.permutation(positives), rng.uniform(0.1, 0.5, 50)]
     t = threshold_for_sensitivity(labels, scores, 0.97)
-    assert t == pytest.approx(0.04)
+    assert t == pytest.approx(0.04 - RUNTIME_MARGIN, abs=1e-12)  # next lower score 0.03: the margin
     assert metrics_at(labels, scores, t)["sensitivity"] == pytest.approx(0.97)
-    assert metrics_at(labels, scores, np.nextafter(t, 1))["sensitivity"] < 0.97
+    # a runtime rounding every probability a little lower still flags the boundary image
+    assert metrics_at(labels, scores - 1e-6, t)["sensitivity"] == pytest.approx(0.97)
+    assert metrics_at(labels, scores, 0.04 + 1e-9)["sensitivity"] < 0.97
+
+
+def test_calibration_never_passes_the_next_lower_probability():
+    labels = np.array([1, 1, 0, 1])
+    scores = np.array([0.9, 0.04, 0.03996, 0.01])  # 2 of 3 pneumonia: the boundary 0.04
+    t = threshold_for_sensitivity(labels, scores, 0.6)
+    assert t == pytest.approx(0.03998, abs=1e-12)  # halfway to the normal image at 0.03996
+    assert metrics_at(labels, scores, t)["confusion_matrix"] == [[1, 0], [1, 2]]
+    assert threshold_for_sensitivity(labels, scores, 1.0) == pytest.approx(0.01 - RUNTIME_MARGIN)  # none lower
 
 
 def test_confusion_matrix_shape():

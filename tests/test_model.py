@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pneumonia_batch.dataset import patient_of
+from pneumonia_batch.evaluate import RUNTIME_MARGIN
 from pneumonia_batch.model import ModelError, build_model, metadata_path, read_model_info, sha256_of
 from pneumonia_batch.train import UNFREEZE_FROM_LAYER, _set_trainable, Phase, check_options, parse_schedule
 
@@ -377,7 +378,9 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     result = pneumonia_batch_command("calibrate", data, "--local", "--model", model)
     meta = json.loads(metadata_path(model).read_text())
     pneumonia = [i["probability"] for i in saved["images"] if i["label"] == "PNEUMONIA"]
-    assert meta["threshold"]["value"] == pytest.approx(min(pneumonia), abs=1e-6)  # 0.97 of 3 needs all 3
+    below = [p for p in evaluated.values() if p < min(pneumonia)]  # 0.97 of 3 needs all 3: the lowest
+    just_below = max(min(pneumonia) - RUNTIME_MARGIN, (min(pneumonia) + max(below)) / 2 if below else 0)
+    assert meta["threshold"]["value"] == pytest.approx(just_below, abs=1e-6)
     assert str(data) in meta["threshold"]["method"] and meta["validation"]["not_used"] == "not_an_image (1)"
     assert meta["validation"]["n_images"] == 6 and "95 % interval" in result.stderr
 
@@ -390,7 +393,7 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     assert images.keys() == {"frontal.dcm", *(n for n in evaluated if n.startswith("person"))}
     for name, probability in images.items():
         assert probability == pytest.approx(evaluated[name], abs=1e-5)
-    assert min(images.values()) >= meta["threshold"]["value"] - 1e-6
+    assert min(images.values()) >= meta["threshold"]["value"]  # all three flagged, rounding and all
 
 
 def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training, tmp_path):
