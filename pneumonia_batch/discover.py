@@ -178,8 +178,11 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
 
 
 def image_kind_of(path: Path) -> str | None:
-    """'png', 'jpeg' or 'dicom' when a file's first bytes say it is one (a DICOM file by its DICM
-    prefix), else None, also for a file that cannot be read."""
+    """'png', 'jpeg' or 'dicom' when a regular file's first bytes say it is one (a DICOM file by its
+    DICM prefix), else None, also for a file that cannot be read.  Nothing else is read from: the
+    read end of /dev/stdout's pipe, or a FIFO, would wait for ever."""
+    if not os.path.isfile(path):
+        return None
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
