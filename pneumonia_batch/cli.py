@@ -169,7 +169,7 @@ def train(data_dir, out, schedule, init, imagenet_weights, frozen_epochs, batch_
 
     try:
         phases = parse_schedule(schedule)
-        _outside_class_folders("--out", out, data_dir, "train")
+        _outside_class_folders("--out", out, data_dir)
         check_options(phases, init=init, imagenet_weights=imagenet_weights, frozen_epochs=frozen_epochs,
                       out=out, from_model=from_model, average_last=average_last, run_dir=run_dir, resume=resume)
     except ValueError as exc:
@@ -251,7 +251,7 @@ def evaluate(data_dir, model_path, split, out_dir):
     from .evaluate import evaluate as run_evaluation, format_table
 
     try:
-        _outside_class_folders("--out-dir", out_dir, data_dir, split)
+        _outside_class_folders("--out-dir", out_dir, data_dir)
         items, unused = list_labelled(resolve_split(data_dir, split))
         result = run_evaluation(model_path, items, out_dir, unused)
     except (OSError, ValueError, ModelError) as exc:  # no usable or no decodable images, an unwritable --out-dir
@@ -380,13 +380,18 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
 
 
-def _outside_class_folders(option: str, path: Path, data_dir: Path, split: str) -> None:
-    """Refuse an output folder or file inside a NORMAL or PNEUMONIA folder of DATA_DIR or of its
-    split: its plots (roc.png, the training curves) would be read as X-rays of that class next time."""
+def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:
+    """Refuse an output folder or file inside a NORMAL or PNEUMONIA folder of DATA_DIR or of any of
+    its splits: its plots (roc.png, the training curves) would be read as X-rays of that class by
+    the next evaluation or training."""
     from .dataset import class_folders
 
     real = Path(os.path.realpath(path))
-    for _, folder in class_folders(data_dir) + class_folders(data_dir / split):
+    try:
+        splits = [child for child in data_dir.iterdir() if child.is_dir()]
+    except OSError:  # an unreadable DATA_DIR is reported by the command itself
+        splits = []
+    for _, folder in class_folders(data_dir) + [f for split in splits for f in class_folders(split)]:
         if real.is_relative_to(os.path.realpath(folder)):
             raise click.UsageError(f"{option} {path} is inside the labelled folder {folder}: its plots would "
                                    "be read as X-rays of that class next time")

@@ -56,6 +56,11 @@ FROZEN_EPOCHS = 2  # head-only epochs on the frozen ImageNet backbone first, unl
 # The options that make a validation split: a run and its resumes must agree on them, and on the
 # validation images themselves, or the epochs of one split would be chosen on another.
 SPLIT_OPTIONS = {"seed": "--seed", "val_fraction": "--val-fraction", "limit": "--limit"}
+# and the options a resume may not change either: without its --average-last, a run saves one epoch
+# instead of the mean it was training for (with one added, the epochs to average are gone), and a
+# --from-model added would be recorded as the start of weights that never came from it.  A longer
+# final phase, a new patience, are a resume's to choose.
+RUN_OPTIONS = {"average_last": "--average-last", "from_model_sha256": "--from-model"}
 
 
 class OptionError(ValueError):
@@ -351,8 +356,11 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     # the folder is only recorded: data copied or moved elsewhere splits the same way
     split = {"data": str(train_dir.resolve()), "seed": seed, "val_fraction": val_fraction, "limit": limit,
              "validation_sha256": _names_digest(val_items, train_dir)}
-    # a run folder from before splits were recorded takes this run's
+    # a run folder from before splits (or options) were recorded takes this run's
     _check_resume_split(progress.setdefault("split", split), split, run.progress)
+    options = {"average_last": average_last,
+               "from_model_sha256": sha256_of(from_model) if from_model is not None else None}
+    _check_resume_options(progress.setdefault("options", options), options, run.progress)
     if from_model is not None and "started_from" not in progress:
         progress["started_from"] = _started_from(from_model)
     if "started_from" in progress:
@@ -411,7 +419,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       shuffle=False,  # train_ds shuffles itself
                       initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
         except tf.errors.OpError as exc:  # a file removed, or no longer decoding, since it was listed
-            raise ValueError(f"training stopped in epoch {progress['completed_epochs'] + 1}: {_cause(exc)} "
+            failed_epoch = max(progress["completed_epochs"], first_epoch) + 1
+            raise ValueError(f"training stopped in epoch {failed_epoch}: {_cause(exc)} "
                              "(the epochs before it are kept: restore the file, then --resume)") from exc
         epoch_start = epoch_end
 
@@ -465,7 +474,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
             "batch_size": batch_size,
             "class_weights": {CLASS_NAMES[k]: round(v, 4) for k, v in weights.items()},
             "augmentation": AUGMENTATION,
-            "epochs_run": progress["completed_epochs"],
+            "epochs_run": len(progress["history"]),  # a phase stopped early skips its epoch numbers
             "checkpoint": checkpoint,
             "started_from": progress.get("started_from"),
             "history_csv": history_csv.name,
@@ -532,13 +541,26 @@ def _names_digest(items: list[LabelledImage], folder: Path) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> None:
-    """A resume must validate on the run's own validation images (of those ``recorded``)."""
+def _differing(recorded: dict, current: dict, options: dict[str, str]) -> list[str]:
+    """The options (of ``options``: key -> option name) whose values differ, as they are shown."""
     def shown(value):
         return "none" if value is None else value
 
-    differing = [f"{option} {shown(recorded[key])} (this run: {shown(split[key])})"
-                 for key, option in SPLIT_OPTIONS.items() if key in recorded and recorded[key] != split[key]]
+    return [f"{option} {shown(recorded[key])} (this run: {shown(current[key])})"
+            for key, option in options.items() if key in recorded and recorded[key] != current[key]]
+
+
+def _check_resume_options(recorded: dict, options: dict, progress_file: Path) -> None:
+    """A resume continues the same run: the same weight averaging and start model."""
+    differing = _differing(recorded, options, RUN_OPTIONS)
+    if differing:
+        raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
+                          "resume continues that run: give its options, or start afresh in another --run-dir")
+
+
+def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> None:
+    """A resume must validate on the run's own validation images (of those ``recorded``)."""
+    differing = _differing(recorded, split, SPLIT_OPTIONS)
     if differing:
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume must keep the run's validation split: give its options, or start "

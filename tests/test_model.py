@@ -428,9 +428,12 @@ def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training
     result = command("evaluate", data, "--out-dir", data / "pneumonia" / "ev")
     assert result.returncode == 2 and f"--out-dir {data / 'pneumonia' / 'ev'} is inside the labelled folder" \
         in result.stderr, result.stderr
-    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
-                             str(data / "pneumonia" / "m.keras")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and "is inside the labelled folder" in result.stderr, result.stderr
+    shutil.copytree(ROOT / "examples" / "studies" / "paediatric-normal", data / "test" / "NORMAL")
+    for out in (data / "pneumonia" / "m.keras", data / "test" / "NORMAL" / "m.keras"):  # another split's too
+        result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out", str(out)],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and f"--out {out} is inside the labelled folder" in result.stderr, result.stderr
+    shutil.rmtree(data / "test")
     assert sorted(p.name for p in (data / "pneumonia").iterdir()) == sorted(
         p.name for p in (ROOT / "examples" / "studies" / "paediatric-pneumonia").iterdir())
 
@@ -837,6 +840,25 @@ def test_a_resume_with_another_split_is_refused(tmp_path):
             "--val-fraction 0.1 (this run: 0.2). A resume must keep") in result.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_resume_without_the_runs_weight_averaging_is_refused(tmp_path):
+    """Forgetting --average-last 4 would save one epoch instead of the mean the run was making."""
+    data = small_labelled_folder(tmp_path / "data", 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    options = {"average_last": 4, "from_model_sha256": None}
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 1, "history": [], "options": options}))
+    (run_dir / "epoch-001.weights.h5").write_bytes(b"one epoch of training")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
+                             str(tmp_path / "m.keras"), "--run-dir", str(run_dir), "--resume", "--val-fraction",
+                             "0.5"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"cannot resume: {run_dir / 'progress.json'} records a run with --average-last 4 (this run: 0). "
+            "A resume continues that run") in result.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
 
 
 def small_labelled_folder(folder: Path, patients: int) -> Path:
