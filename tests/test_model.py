@@ -227,6 +227,28 @@ def test_a_phase_that_had_stopped_early_stays_stopped_on_resume(tiny_training, t
     np.testing.assert_allclose(KerasRunner(resumed, "raw").predict(batch), expected[0], atol=1e-6)
 
 
+def test_epochs_run_counts_the_epochs_trained_when_an_earlier_phase_stopped_early(tiny_training, tmp_path):
+    """A 3-epoch phase stopped after its second epoch: the next phase's epoch is numbered 4, but
+    three epochs were trained."""
+    from pneumonia_batch.train import train
+
+    out, _, _ = tiny_training
+    run_dir = tmp_path / "run"
+    shutil.copytree(out.parent / "run", run_dir)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    first, last = progress["history"]
+    worse = dict(first, epoch=2, val_loss=first["val_loss"] + 1.0)  # at patience 1, the phase stops here
+    progress["history"] = [first, worse, dict(last, epoch=4)]
+    progress["completed_epochs"] = 4
+    (run_dir / "progress.json").write_text(json.dumps(progress))
+    (run_dir / "epoch-002.weights.h5").rename(run_dir / "epoch-004.weights.h5")
+    resumed = tmp_path / "resumed.keras"
+    train(KERMANY, resumed, parse_schedule("32:3,224:1"), batch_size=4, limit=4, run_dir=run_dir,
+          resume=True, patience=1, log=lambda m: None)
+    saved = json.loads(metadata_path(resumed).read_text())["training"]
+    assert saved["epochs_run"] == 3 and saved["checkpoint"].startswith("epoch 4,")
+
+
 @pytest.mark.parametrize("losses, patience", [
     ([0.9, 0.8, 0.85, 0.86, 0.87, 0.7], 3),  # two plateau cuts, then the early stop
     ([0.9, 0.8, 0.8, 0.8, 0.8, 0.7], 3),  # an equal loss is no improvement
