@@ -15,8 +15,8 @@ import click
 
 from . import __version__
 from .atomic import cannot_write_in
-from .inference import RUNTIMES
-from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError
+from .inference import RUNTIMES, tflite_path
+from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError, metadata_path
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_LOCKED, EXIT_FATAL = 0, 1, 2, 3, 4
 
@@ -319,7 +319,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         raise click.UsageError("--export-flagged must not be DIRECTORY itself: the exported copies would "
                                "be screened as new studies")
     _check_outputs_apart({"--out": out, "--state": state_path, "--log-file": log_file, "--export-flagged": export_dir,
-                          "--model": model_path, "--model's metadata": model_path.with_suffix(".json")})
+                          "--model": model_path, "--model's metadata": metadata_path(model_path),
+                          "--model's TFLite conversion": tflite_path(model_path)})
     _check_writable("--out", out)
     if state_path is not None:  # its lock file goes beside the name given, the database beside the target
         _check_writable("--state", state_path, also_beside_link=True)
@@ -368,33 +369,31 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
     or append to.  Both lose what the user gave us, silently, with exit 0."""
     from .discover import image_kind_of
 
-    seen: dict[str, str] = {}
-    for option, path in paths.items():
-        if path is None:
-            continue
-        real = os.path.realpath(path)
-        if real in seen:
-            raise click.UsageError(f"{seen[real]} and {option} name the same file, {path}")
-        seen[real] = option
+    named = [(option, path) for option, path in paths.items() if path is not None]
+    for n, (option, path) in enumerate(named):
+        for earlier, earlier_path in named[:n]:
+            if _same_file(path, earlier_path):
+                raise click.UsageError(f"{earlier} and {option} name the same file, {path}")
         if option in ("--out", "--state", "--log-file") and (kind := image_kind_of(path)):
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
 
 
-def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:
-    """Refuse an output folder or file inside a NORMAL or PNEUMONIA folder of DATA_DIR or of any of
-    its splits: its plots (roc.png, the training curves) would be read as X-rays of that class by
-    the next evaluation or training."""
-    from .dataset import class_folders
+def _same_file(a: Path, b: Path) -> bool:
+    """One file, however named: through links, or in another letter case on a share that ignores it."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
-    real = Path(os.path.realpath(path))
-    try:
-        splits = [child for child in data_dir.iterdir() if child.is_dir()]
-    except OSError:  # an unreadable DATA_DIR is reported by the command itself
-        splits = []
-    for _, folder in class_folders(data_dir) + [f for split in splits for f in class_folders(split)]:
-        if real.is_relative_to(os.path.realpath(folder)):
-            raise click.UsageError(f"{option} {path} is inside the labelled folder {folder}: its plots would "
-                                   "be read as X-rays of that class next time")
+
+def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:
+    """Refuse an output folder or file inside a labelled class folder of DATA_DIR (``dataset.
+    class_folder_holding``): its plots (roc.png, the training curves) would be read as X-rays of
+    that class by the next evaluation or training."""
+    from .dataset import class_folder_holding
+
+    if (folder := class_folder_holding(path, data_dir)) is not None:
+        raise click.UsageError(f"{option} {path} is inside the labelled folder {folder}: its plots would be read "
+                               "as X-rays of that class next time")
 
 
 def _check_writable(option: str, path: Path, also_beside_link: bool = False) -> None:

@@ -7,6 +7,7 @@ so an evaluation measures what screening would do with the same files.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -114,6 +115,24 @@ def class_folders(directory: Path) -> list[tuple[int, Path]]:
         return []
     return [(labels[child.name.upper()], child) for child in children
             if child.name.upper() in labels and child.is_dir()]
+
+
+def class_folder_holding(path: Path, data_dir: Path) -> Path | None:
+    """The class folder of ``data_dir``, or of one of its split folders, that holds ``path`` (which
+    need not exist yet), compared as the file system sees folders: through links, and in another
+    letter case on a share that ignores it."""
+    try:
+        splits = [child for child in Path(data_dir).iterdir() if child.is_dir()]
+    except OSError:  # an unreadable DATA_DIR is reported by the command that reads it
+        splits = []
+    folders = [folder for directory in (data_dir, *splits) for _, folder in class_folders(directory)]
+    for start in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:  # as named, and its target
+        for ancestor in (start, *start.parents):
+            if ancestor.exists():
+                for folder in folders:
+                    if os.path.samefile(ancestor, folder):
+                        return folder
+    return None
 
 
 def resolve_split(data_dir: Path, split: str) -> Path:

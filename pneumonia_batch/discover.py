@@ -178,17 +178,14 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
 
 
 def image_kind_of(path: Path) -> str | None:
-    """'png', 'jpeg' or 'dicom' when a regular file's first bytes say it is one (a DICOM file by its
-    DICM prefix), else None, also for a file that cannot be read.  Nothing else is read from: the
-    read end of /dev/stdout's pipe, or a FIFO, would wait for ever."""
+    """'png', 'jpeg' or 'dicom' when screening would take a regular file for one (``identify``:
+    DICOM with or without preamble), else None.  Nothing else is read from: the read end of
+    /dev/stdout's pipe, or a FIFO, would wait for ever."""
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return None
-    return images.image_kind(head) or ("dicom" if head[128:132] == b"DICM" else None)
+    item = InputFile(rel=str(path), path=Path(path), size=os.path.getsize(path))
+    identify(item, header_filter=False)
+    return item.kind if item.is_image else None
 
 
 # A DICOM file without its 128-byte preamble starts with its first tag: group 0002 (file meta) or

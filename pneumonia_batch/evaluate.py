@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .dataset import LabelledImage, UnusedFile, patient_of, training_patients
+from .dataset import VALIDATION_SPLIT, LabelledImage, UnusedFile, patient_of, training_patients
 from .discover import count_reasons, readable
 from .model import CLASS_NAMES, metadata_path, metadata_to_update, read_model_info
 
@@ -168,8 +168,9 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
     at_threshold = metrics_at(labels, probabilities, threshold)
     meta["threshold"] = {
         "value": threshold,
-        "method": f"lowest pneumonia probability giving sensitivity >= {target_sensitivity:g} on {data} "
-                  f"({len(items)} images), less {RUNTIME_MARGIN:g} for runtimes' rounding",
+        "method": f"just below the lowest pneumonia probability giving sensitivity >= {target_sensitivity:g} "
+                  f"on {data} ({len(items)} images): by {RUNTIME_MARGIN:g} for runtimes' rounding, or by half "
+                  "the gap to the next lower probability when that is less",
         "target_sensitivity": target_sensitivity,
         "chosen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -181,8 +182,9 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
         "roc_auc": roc_auc(labels, probabilities),
         "at_threshold": at_threshold,
         "at_0.5": metrics_at(labels, probabilities, 0.5),
-        "note": "the threshold was chosen on these images, so these figures are optimistic; "
-                "judge the model on data it never saw",
+        "note": ("the threshold and the checkpoint were chosen on this split" if data == VALIDATION_SPLIT
+                 else "the threshold was chosen on these images")
+                + ", so these figures are optimistic; judge the model on data it never saw",
     }
     write_json_atomic(metadata_path(model_path), meta)
     if unused:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, import_keras, sha256_of, stderr_without
+from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, import_quietly, sha256_of, stderr_without
 from .preprocess import scale_batch
 
 RUNTIMES = ("auto", "tflite", "keras")
@@ -42,7 +42,7 @@ class KerasRunner:
 
     def __init__(self, model_path: Path, input_scale: str, batch_size: int | None = None,
                  jit: bool = False, mixed_precision: bool = False):
-        keras = import_keras()
+        keras = import_quietly("keras")
         import tensorflow as tf
 
         from .model import load_keras_model
@@ -108,7 +108,7 @@ class TFLiteRunner:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # the interpreter that ships inside TensorFlow
-            from tensorflow.lite.python.interpreter import Interpreter
+            Interpreter = import_quietly("tensorflow.lite.python.interpreter").Interpreter
         with stderr_without(XNNPACK_NOTICE):
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
             self.interpreter.allocate_tensors()

@@ -10,11 +10,12 @@ the functions that need it: reading metadata must stay cheap.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import stat
+import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,20 @@ METADATA_PARTS = ("preprocessing", "threshold", "training", "validation", "tflit
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "densenet121_pneumonia.keras"
 
 
-# TensorFlow 2.21 prints these at import whatever TF_CPP_MIN_LOG_LEVEL says (its other start-up
-# chatter that level does hold back); cron would mail them every night.
+# TensorFlow's C++ start-up chatter is not for screening users; real errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow 2.21 prints these at import whatever that level says; cron would mail them every night.
 TENSORFLOW_IMPORT_NOTICES = (
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "oneDNN custom operations are on.",
 )
+# Passes stdin on to stdout line by line, less the lines holding one of its arguments.
+_NOTICE_FILTER = ("import sys\n"
+                  "notices = [n.encode() for n in sys.argv[1:]]\n"
+                  "for line in sys.stdin.buffer:\n"
+                  "    if not any(n in line for n in notices):\n"
+                  "        sys.stdout.buffer.write(line)\n"
+                  "        sys.stdout.buffer.flush()\n")
 
 
 class ModelError(Exception):
@@ -51,7 +60,9 @@ class ModelError(Exception):
 @contextmanager
 def stderr_without(*notices: str):
     """Hold back the known lines native code writes to file descriptor 2 (those holding one of
-    ``notices``); pass on the rest."""
+    ``notices``); pass on the rest as they come.  The filter is a process of its own, so that what
+    native code prints just before it aborts (TensorFlow's CPU check at import) still reaches
+    stderr."""
     if sys.stderr:
         sys.stderr.flush()
     try:
@@ -59,27 +70,28 @@ def stderr_without(*notices: str):
     except OSError:  # the caller closed stderr: nothing to hold back
         yield
         return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
+    read_end, write_end = os.pipe()
+    notice_filter = subprocess.Popen([sys.executable, "-c", _NOTICE_FILTER, *notices], stdin=read_end,
+                                     stdout=saved, stderr=subprocess.DEVNULL)
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)  # the pipe's last write end closes: the filter passes on the rest and ends
+        os.close(saved)
         try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            rest = [line for line in captured.read().splitlines(keepends=True)
-                    if not any(notice.encode() in line for notice in notices)]
-            if rest:
-                os.write(2, b"".join(rest))
+            notice_filter.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a process started meanwhile holds the pipe: never wait on it
+            notice_filter.kill()
 
 
-def import_keras():
-    """Keras, and TensorFlow beneath it, imported without TensorFlow's start-up notices; real
-    errors still show."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def import_quietly(module: str):
+    """A module that imports TensorFlow (``keras``, TensorFlow's own TFLite interpreter), imported
+    without TensorFlow's start-up notices."""
     with stderr_without(*TENSORFLOW_IMPORT_NOTICES):
-        import keras
-    return keras
+        return importlib.import_module(module)
 
 
 def sha256_of(path: Path) -> str:
@@ -118,7 +130,7 @@ def checked_metadata(model_path: Path) -> dict:
         raise ModelError(f"no metadata file {meta_file.name} beside the model") from exc
     except (OSError, ValueError) as exc:
         raise ModelError(f"model metadata {meta_file} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(part) or {}, dict) for part in METADATA_PARTS):
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(part, {}), dict) for part in METADATA_PARTS):
         raise ModelError(f"model metadata {meta_file} is not a metadata file of this tool: a JSON object, "
                          f"whose fields {', '.join(METADATA_PARTS)} are objects where present")
     actual_sha = sha256_of(model_path)
@@ -208,7 +220,7 @@ def build_model(input_size: int | None = INPUT_SIZE, init: str = "random",
     about it.  ``input_size=None`` builds a resolution-free model for
     progressive-resizing training.
     """
-    keras = import_keras()
+    keras = import_quietly("keras")
 
     keras.utils.set_random_seed(seed)
     shape = (input_size, input_size, 3)
@@ -242,7 +254,7 @@ def backbone_of(model):
 
 def load_keras_model(model_path: Path):
     """Load a .keras or .h5 classifier with Keras safe mode on (no Lambda code runs)."""
-    keras = import_keras()
+    keras = import_quietly("keras")
 
     try:
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)

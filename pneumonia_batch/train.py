@@ -39,7 +39,7 @@ from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, writ
 from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, recorded_split,
                       resolve_split, split_by_patient, training_patients)
 from .discover import count_reasons
-from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model, import_keras,
+from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model, import_quietly,
                     metadata_path, read_only, sha256_of)
 from .preprocess import model_input_from_file
 
@@ -56,11 +56,6 @@ FROZEN_EPOCHS = 2  # head-only epochs on the frozen ImageNet backbone first, unl
 # The options that make a validation split: a run and its resumes must agree on them, and on the
 # validation images themselves, or the epochs of one split would be chosen on another.
 SPLIT_OPTIONS = {"seed": "--seed", "val_fraction": "--val-fraction", "limit": "--limit"}
-# and the options a resume may not change either: without its --average-last, a run saves one epoch
-# instead of the mean it was training for (with one added, the epochs to average are gone), and a
-# --from-model added would be recorded as the start of weights that never came from it.  A longer
-# final phase, a new patience, are a resume's to choose.
-RUN_OPTIONS = {"average_last": "--average-last", "from_model_sha256": "--from-model"}
 
 
 class OptionError(ValueError):
@@ -325,7 +320,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
 
     Returns the saved model (in memory) and its metadata.
     """
-    keras = import_keras()
+    keras = import_quietly("keras")
     import tensorflow as tf
 
     from .evaluate import calibrate_model
@@ -345,6 +340,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
                                 f"{run.progress} records, is missing")
 
+    _check_resume_options(progress, average_last, from_model, run.progress)  # before the data are decoded
     train_dir = resolve_split(data_dir, "train")
     items, unused = list_training(train_dir)
     if unused:
@@ -356,11 +352,8 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     # the folder is only recorded: data copied or moved elsewhere splits the same way
     split = {"data": str(train_dir.resolve()), "seed": seed, "val_fraction": val_fraction, "limit": limit,
              "validation_sha256": _names_digest(val_items, train_dir)}
-    # a run folder from before splits (or options) were recorded takes this run's
+    # a run folder from before splits were recorded takes this run's
     _check_resume_split(progress.setdefault("split", split), split, run.progress)
-    options = {"average_last": average_last,
-               "from_model_sha256": sha256_of(from_model) if from_model is not None else None}
-    _check_resume_options(progress.setdefault("options", options), options, run.progress)
     if from_model is not None and "started_from" not in progress:
         progress["started_from"] = _started_from(from_model)
     if "started_from" in progress:
@@ -550,9 +543,18 @@ def _differing(recorded: dict, current: dict, options: dict[str, str]) -> list[s
             for key, option in options.items() if key in recorded and recorded[key] != current[key]]
 
 
-def _check_resume_options(recorded: dict, options: dict, progress_file: Path) -> None:
-    """A resume continues the same run: the same weight averaging and start model."""
-    differing = _differing(recorded, options, RUN_OPTIONS)
+def _check_resume_options(progress: dict, average_last: int, from_model: Path | None, progress_file: Path) -> None:
+    """A resume continues its run.  Without the run's --average-last it would save one epoch instead
+    of the mean it was training for (with one added, the epochs to average are gone), and a start
+    model other than the run's would be recorded as the start of weights that never came from it.
+    Leaving --from-model out is fine (the weights come from the checkpoint), and so are a longer
+    final phase and another --patience."""
+    recorded = progress.setdefault("options", {"average_last": average_last})  # older run folders take this run's
+    differing = _differing(recorded, {"average_last": average_last}, {"average_last": "--average-last"})
+    started = progress.get("started_from")
+    if progress["completed_epochs"] and from_model is not None and (
+            started is None or started["sha256"] != sha256_of(from_model)):
+        differing.append(f"--from-model {started['model'] if started else 'none'} (this run: {Path(from_model).name})")
     if differing:
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume continues that run: give its options, or start afresh in another --run-dir")

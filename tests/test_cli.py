@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
+from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save, save_without_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 NORMAL_JPEG = EXAMPLES / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
@@ -154,6 +154,8 @@ def test_fatal_and_usage_exit_codes(tmp_path):
     ({"threshold": {"value": None}}, "threshold None is not a probability"),
     ({"threshold": 0.3}, "not a metadata file of this tool"),
     ({"preprocessing": "raw"}, "not a metadata file of this tool"),
+    ({"preprocessing": None}, "not a metadata file of this tool"),
+    ({"tflite": []}, "not a metadata file of this tool"),
 ])
 def test_metadata_without_a_usable_threshold_is_refused(tmp_path, metadata, refusal):
     from pneumonia_batch.model import ModelError, read_model_info
@@ -183,6 +185,8 @@ def test_outputs_that_would_overwrite_each_other_or_an_x_ray_are_refused(tmp_pat
     before = {p: p.read_bytes() for p in studies.rglob("*") if p.is_file()}
     x_ray = studies / "paediatric-normal" / NORMAL_JPEG.name
     dicom = studies / "dicom" / "ot-abdomen.dcm"
+    bare = save_without_meta(make_dataset(chest_pixels(64)), studies / "bare")
+    before[bare] = bare.read_bytes()
     report = tmp_path / "r.csv"
     for args, refusal in [
         (["--out", x_ray, "--format", "csv"], f"--out {x_ray} is an image (jpeg)"),
@@ -192,6 +196,9 @@ def test_outputs_that_would_overwrite_each_other_or_an_x_ray_are_refused(tmp_pat
         (["--out", report, "--export-flagged", report], "--out and --export-flagged name the same file"),
         (["--out", tmp_path / "m.json", "--model", tmp_path / "m.keras"],
          "--out and --model's metadata name the same file"),
+        (["--out", tmp_path / "m.tflite", "--format", "csv", "--model", tmp_path / "m.keras"],
+         "--out and --model's TFLite conversion name the same file"),
+        (["--out", bare, "--format", "csv"], f"--out {bare} is an image (dicom)"),  # DICOM without preamble
     ]:
         result = run(studies, *args)
         assert result.returncode == 2 and refusal in result.stderr, (args, result.stderr)
@@ -312,6 +319,17 @@ def test_quiet_run_writes_nothing_on_stderr(tmp_path, options):
     result = run(EXAMPLES, "--out", tmp_path / "r.csv", "--quiet", *options)
     assert result.returncode == 0 and result.stderr == ""
     assert len(rows(tmp_path / "r.csv")) == 5  # the example studies
+
+
+def test_native_lines_held_back_reach_stderr_all_but_the_notices_even_on_an_abort():
+    """TensorFlow's CPU check prints its reason, then aborts, inside the import that holds back its notices."""
+    probe = ("import os; from pneumonia_batch.model import stderr_without\n"
+             "with stderr_without('oneDNN custom operations are on.'):\n"
+             "    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see...\\n')\n"
+             "    os.write(2, b'This TensorFlow binary was compiled to use AVX instructions\\n')\n"
+             "    os.abort()\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == -6 and result.stderr == "This TensorFlow binary was compiled to use AVX instructions\n"
 
 
 def test_help_documents_exit_codes():
