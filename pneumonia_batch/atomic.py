@@ -76,6 +76,16 @@ def write_json_atomic(path: Path, payload, follow_link: bool = True) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n", follow_link=follow_link)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """One file, however named: through links, hard links, or in another letter case on a share that
+    ignores it.  Where one of them is not there (an output not written yet, a source gone since the
+    scan), their resolved names are compared."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def cannot_write_in(folder: Path) -> str:
     """Why a file cannot be made in ``folder``, or "" when it can.  Found by trying, as the
     atomic write or SQLite will: mode bits say nothing of a read-only mount."""

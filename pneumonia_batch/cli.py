@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from . import __version__
-from .atomic import cannot_write_in
+from .atomic import cannot_write_in, same_file
 from .inference import RUNTIMES, tflite_path
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError, metadata_path
 
@@ -372,17 +372,10 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
     named = [(option, path) for option, path in paths.items() if path is not None]
     for n, (option, path) in enumerate(named):
         for earlier, earlier_path in named[:n]:
-            if _same_file(path, earlier_path):
+            if same_file(path, earlier_path):
                 raise click.UsageError(f"{earlier} and {option} name the same file, {path}")
         if option in ("--out", "--state", "--log-file") and (kind := image_kind_of(path)):
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """One file, however named: through links, or in another letter case on a share that ignores it."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_atomic, write_json_atomic
+from .atomic import same_file, write_atomic, write_json_atomic
 from .discover import Study
 from .model import ModelInfo
 from .report import safe_cell
@@ -96,13 +96,6 @@ def _is_export_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # the source gone since the scan: the export made earlier stays
-        return False
-
-
 def _copy(source: Path, target: Path) -> None:
     """A copy of the content with its modification time, never a hard link or the link itself.
 
@@ -111,7 +104,7 @@ def _copy(source: Path, target: Path) -> None:
     renamed: a run stopped half-way through it leaves no truncated file that later runs would
     take for the export.
     """
-    if _is_export_file(target) and not _same_file(source, target):  # an older export's hard link is replaced
+    if _is_export_file(target) and not same_file(source, target):  # an older export's hard link is replaced
         return
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)  # a link left in its place would be written through

@@ -89,7 +89,10 @@ def stderr_without(*notices: str):
 
 def import_quietly(module: str):
     """A module that imports TensorFlow (``keras``, TensorFlow's own TFLite interpreter), imported
-    without TensorFlow's start-up notices."""
+    without TensorFlow's start-up notices.  They come once, as TensorFlow loads: later calls (every
+    model build or load) start no filter process."""
+    if "tensorflow" in sys.modules:
+        return importlib.import_module(module)
     with stderr_without(*TENSORFLOW_IMPORT_NOTICES):
         return importlib.import_module(module)
 

@@ -534,23 +534,14 @@ def _names_digest(items: list[LabelledImage], folder: Path) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _differing(recorded: dict, current: dict, options: dict[str, str]) -> list[str]:
-    """The options (of ``options``: key -> option name) whose values differ, as they are shown."""
-    def shown(value):
-        return "none" if value is None else value
-
-    return [f"{option} {shown(recorded[key])} (this run: {shown(current[key])})"
-            for key, option in options.items() if key in recorded and recorded[key] != current[key]]
-
-
 def _check_resume_options(progress: dict, average_last: int, from_model: Path | None, progress_file: Path) -> None:
     """A resume continues its run.  Without the run's --average-last it would save one epoch instead
     of the mean it was training for (with one added, the epochs to average are gone), and a start
     model other than the run's would be recorded as the start of weights that never came from it.
     Leaving --from-model out is fine (the weights come from the checkpoint), and so are a longer
     final phase and another --patience."""
-    recorded = progress.setdefault("options", {"average_last": average_last})  # older run folders take this run's
-    differing = _differing(recorded, {"average_last": average_last}, {"average_last": "--average-last"})
+    recorded = progress.setdefault("average_last", average_last)  # older run folders take this run's
+    differing = [f"--average-last {recorded} (this run: {average_last})"] if recorded != average_last else []
     started = progress.get("started_from")
     if progress["completed_epochs"] and from_model is not None and (
             started is None or started["sha256"] != sha256_of(from_model)):
@@ -562,7 +553,11 @@ def _check_resume_options(progress: dict, average_last: int, from_model: Path | 
 
 def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> None:
     """A resume must validate on the run's own validation images (of those ``recorded``)."""
-    differing = _differing(recorded, split, SPLIT_OPTIONS)
+    def shown(value):
+        return "none" if value is None else value
+
+    differing = [f"{option} {shown(recorded[key])} (this run: {shown(split[key])})"
+                 for key, option in SPLIT_OPTIONS.items() if key in recorded and recorded[key] != split[key]]
     if differing:
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume must keep the run's validation split: give its options, or start "

@@ -873,8 +873,8 @@ def test_a_resume_keeps_its_weight_averaging_and_start_model(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     started_from = {"model": "start.keras", "sha256": "ab" * 32}
-    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 1, "history": [], "options": {
-        "average_last": 1}, "started_from": started_from}))
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 1, "history": [], "average_last": 1,
+                                                       "started_from": started_from}))
     (run_dir / "epoch-001.weights.h5").write_bytes(b"one epoch of training")
     (tmp_path / "other.keras").write_bytes(b"another model")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
