@@ -1047,3 +1047,31 @@ def test_a_training_file_gone_since_it_was_listed_is_named(name, tmp_path):
     shown = str(path).encode("utf-8", "backslashreplace").decode()
     assert _cause(caught.value) == (f"OSError: {shown}: FileNotFoundError: [Errno 2] No such file or "
                                     f"directory: '{shown}'")
+
+
+def test_a_training_file_gone_after_an_early_stop_names_the_epoch_it_stopped_in(tmp_path):
+    """A run whose 3-epoch phase stopped early after epoch 2 goes on with epoch 4; images removed
+    just as that epoch starts stop it there, and the message names epoch 4, not 3."""
+    from pneumonia_batch.train import train
+
+    data = small_labelled_folder(tmp_path / "data", 4)
+    run_dir = tmp_path / "run"
+    with untraced_steps():
+        train(data, tmp_path / "first.keras", parse_schedule("32:1,224:1"), batch_size=2, val_fraction=0.5,
+              run_dir=run_dir, log=lambda m: None)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    first = progress["history"][0]
+    progress["history"] = [first, dict(first, epoch=2, val_loss=first["val_loss"] + 1.0)]  # no better: stop
+    (run_dir / "progress.json").write_text(json.dumps(progress))
+
+    def removing_the_images_as_epoch_4_starts(line):
+        if line.startswith("phase 2/2"):  # logged once the phase's data are listed, just before it trains
+            for image in data.glob("*/*.jpeg"):
+                image.unlink()
+
+    with untraced_steps(), pytest.raises(ValueError, match=r"^training stopped in epoch 4: OSError: .*\.jpeg: "
+                                                           r"FileNotFoundError.*the epochs before it are kept"):
+        train(data, tmp_path / "m.keras", parse_schedule("32:3,224:1"), batch_size=2, val_fraction=0.5,
+              run_dir=run_dir, resume=True, patience=1, log=removing_the_images_as_epoch_4_starts)
+    assert json.loads((run_dir / "progress.json").read_text()) == progress
+    assert not (tmp_path / "m.keras").exists()
