@@ -34,33 +34,61 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
     placed there must not send the write elsewhere.
     """
     path = Path(os.path.realpath(path) if follow_link else os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        # the name cut short: a name near the file system's limit would leave no room for the temp's
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=suffix)
+        os.close(fd)
         try:
             replaced = os.stat(path, follow_symlinks=follow_link)
         except FileNotFoundError:
             replaced = None
-        if replaced and not stat.S_ISLNK(replaced.st_mode):
-            mode = stat.S_IMODE(replaced.st_mode)  # kept: a report an admin made private stays private
+        kept = replaced if replaced and not stat.S_ISLNK(replaced.st_mode) else None
+        if kept:
+            mode = stat.S_IMODE(kept.st_mode)  # a report an admin made private stays private
         else:  # a new file, or one in place of a link
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask  # mkstemp's 0600 would surprise whoever reads the report
         save(Path(tmp))
         os.chmod(tmp, mode)  # after the save: a writer may have made the file anew
+        if kept:
+            _keep_owner(tmp, kept)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, CannotWrite):
+            raise CannotWrite(path, exc) from exc
         raise
     try:  # the rename itself, before anything done later (a deletion) reaches the disk
         fsync_path(path.parent)
     except OSError as error:  # a file system that cannot fsync a folder; the file is in place all the same
         if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES):
             raise
+
+
+class CannotWrite(OSError):
+    """An OSError naming the file it was writing: a full disk says only "No space left on device"."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def _keep_owner(tmp: str, replaced: os.stat_result) -> None:
+    """The replaced file's owner and group, so the group that read the report still can.  Only
+    root may give a file away; anyone else keeps their own, as a shell's ``>`` would have."""
+    made = os.stat(tmp)
+    if (made.st_uid, made.st_gid) != (replaced.st_uid, replaced.st_gid):
+        try:
+            os.chown(tmp, replaced.st_uid, replaced.st_gid)
+        except PermissionError:
+            pass
 
 
 def fsync_path(path: Path) -> None:

@@ -297,7 +297,8 @@ def evaluate(data_dir, model_path, split, out_dir):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no summary line.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No summary line: stderr has only errors (files that could not be read, a failed export).")
 @click.version_option(__version__, prog_name="pneumonia-screen")
 @_interruptible(_screening_kept)
 def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, workers, runtime,
@@ -352,8 +353,12 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         _fatal(str(exc))
     if not quiet:
         click.echo(summary.line(), err=True)
-    elif summary.export_error:  # an error, so said even when quiet
-        click.echo(f"error: review export failed: {summary.export_error}", err=True)
+    else:  # errors, so said even when quiet: a night with them is the one cron should mail
+        if errors := summary.counts.get("file_errors"):
+            click.echo(f"error: {errors} file{'s' if errors > 1 else ''} could not be read: "
+                       f"the error rows of {out}", err=True)
+        if summary.export_error:
+            click.echo(f"error: review export failed: {summary.export_error}", err=True)
     sys.exit(summary.exit_code)
 
 

@@ -8,6 +8,7 @@ dropped except operating-system litter (``.DS_Store``, ``Thumbs.db``...).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -102,6 +103,12 @@ class Study:
         return count_reasons(f.why_not_scored for f in self.files if f.status in ("skipped", "error", "deferred"))
 
 
+# A receiver that writes under a temporary name and then renames (rsync, many DICOM nodes) can take a
+# listed file away before it is read: not an error the user can act on, and its study is not yet
+# complete; it is looked at again next run.
+GONE = "gone since the folder was listed (moved or renamed meanwhile)"
+
+
 def walk(root: Path, confined: bool = True) -> list[InputFile]:
     """Every file under ``root``, sorted; with ``confined``, symlinks are never followed out of it."""
     root = Path(root)
@@ -133,6 +140,9 @@ def walk(root: Path, confined: bool = True) -> list[InputFile]:
                     continue
             try:
                 stat = path.stat()
+            except FileNotFoundError:
+                item.finish("deferred", GONE)
+                continue
             except OSError as exc:
                 item.finish("error", f"cannot stat: {exc.strerror}")
                 continue
@@ -155,6 +165,9 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
     try:
         with open(item.path, "rb") as handle:
             head = handle.read(132)
+    except FileNotFoundError:
+        item.finish("deferred", GONE)
+        return
     except OSError as exc:
         item.finish("error", f"cannot read: {exc.strerror}")
         return
@@ -163,7 +176,12 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
         item.kind = kind
         return
     try:
-        item.header = dicom.read_header(item.path)
+        # pydicom warns of what it repaired (a name in another character set, a value of the wrong
+        # length): the file's note, not a line on stderr that cron would mail every night
+        with warnings.catch_warnings(record=True) as repaired:
+            warnings.simplefilter("always")
+            item.header = dicom.read_header(item.path)
+        item.note = "; ".join(dict.fromkeys(f"header: {w.message}" for w in repaired))
     except Exception as exc:  # a damaged header raises anything from struct.error to KeyError
         if head[128:132] == b"DICM":
             item.kind = "dicom"
@@ -225,12 +243,14 @@ DUPLICATE = "duplicate_instance_of "
 def group_studies(files: list[InputFile]) -> list[Study]:
     """DICOM by StudyInstanceUID anywhere in the tree; other files by top-level folder.
 
-    The same SOPInstanceUID received twice (say a lossless and a lossy copy)
-    is scored once: the lossless copy is kept, the other is skipped (and
-    scored only if the kept copy fails to decode: ``spare_copies``).
+    The same SOPInstanceUID received twice in one study (say a lossless and a
+    lossy copy) is scored once: the lossless copy is kept, the other is skipped
+    (and scored only if the kept copy fails to decode: ``spare_copies``).  An
+    instance re-sent under a corrected StudyInstanceUID is another study's, and
+    is scored for it.
     """
     studies: dict[str, Study] = {}
-    kept_instances: dict[str, InputFile] = {}
+    kept_instances: dict[tuple[str, str], InputFile] = {}
     for item in files:
         header = item.header
         if header and header.study_instance_uid:
@@ -249,8 +269,8 @@ def group_studies(files: list[InputFile]) -> list[Study]:
     return sorted(studies.values(), key=lambda s: s.study_id)
 
 
-def _keep_one_copy(item: InputFile, kept: dict[str, InputFile]) -> None:
-    uid = item.header.sop_instance_uid
+def _keep_one_copy(item: InputFile, kept: dict[tuple[str, str], InputFile]) -> None:
+    uid = (item.header.study_instance_uid, item.header.sop_instance_uid)
     other = kept.setdefault(uid, item)
     if other is item:
         return

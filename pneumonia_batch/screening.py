@@ -176,8 +176,10 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         with _stop_signals_held():
             write_report(options.out, options.fmt, report_records, summary)
             if state:
-                # studies a failed export missed stay unreported, so the next run exports them
-                state.save_studies(records, info.sha256, info.threshold, unreported=unexported)
+                # studies a failed export missed stay unreported, so the next run exports them; so do
+                # deferred ones, whose files (a skipped one, say) may all be restored next run
+                deferred = [r["study_key"] for r in records if r["status"] == "deferred"]
+                state.save_studies(records, info.sha256, info.threshold, unreported=unexported + deferred)
                 state.record_run(summary.run_id, summary.counts)
             audit.event("run_end", counts=summary.counts, timings=summary.timings, runtime=summary.runtime,
                         exit_code=summary.exit_code)
@@ -260,21 +262,28 @@ def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
     A DICOM file caught half-written may not have its StudyInstanceUID yet (or
     even its DICM prefix), so it cannot name its study: then every study with a
     file in its folder waits too.
+
+    A file dated further ahead than ``min_age`` says nothing of when it arrived (a modality's clock,
+    kept by the copy): it would hold its study back until that date, so it holds back no one.
     """
     if min_age <= 0:
         return
-    cutoff = time.time() - min_age
+    now = time.time()
+
+    def is_recent(item: discover.InputFile) -> bool:
+        return now - min_age < item.mtime <= now + min_age
+
     unplaced = {f.rel: f for s in studies for f in s.files
-                if f.mtime > cutoff and discover.may_be_dicom_cut_short(f)}
+                if is_recent(f) and discover.may_be_dicom_cut_short(f)}
     waited_for = {f.path.parent: f for f in unplaced.values()}
     for study in studies:
-        recent = [f for f in study.files if f.mtime > cutoff]
+        recent = [f for f in study.files if is_recent(f)]
         nearby = [waited_for[f.path.parent] for f in study.files if f.path.parent in waited_for]
         if not (recent or nearby):
             continue
         blocker = (recent or nearby)[0]
         for item in study.files:
             if item.status in ("pending", "scored") or item.rel in unplaced:
-                why = "" if item.mtime > cutoff else f"waiting for {blocker.rel}, "
+                why = "" if is_recent(item) else f"waiting for {blocker.rel}, "
                 item.finish("deferred", f"{why}modified less than {min_age:g} s ago")
 

@@ -15,9 +15,11 @@ import fcntl
 import json
 import os
 import sqlite3
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import CannotWrite
 from .dicom import DicomHeader
 from .discover import DUPLICATE, InputFile, Study, eligibility_skip, readable
 from .model import sha256_of
@@ -57,10 +59,15 @@ class StateLock:
             holder = handle.read().strip() or "unknown process"
             handle.close()
             raise LockHeld(f"another run holds {self.path} ({holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}, started {now()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}, started {now()}\n")
+            handle.flush()
+        except OSError as exc:  # a full disk: name the lock, not just the errno
+            with suppress(OSError):  # the line is still buffered: closing fails the same way
+                handle.close()
+            raise CannotWrite(self.path, exc) from exc
         self.handle = handle
         return self
 

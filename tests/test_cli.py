@@ -321,6 +321,33 @@ def test_quiet_run_writes_nothing_on_stderr(tmp_path, options):
     assert len(rows(tmp_path / "r.csv")) == 5  # the example studies
 
 
+
+
+def test_a_quiet_run_with_files_it_could_not_read_says_so(tmp_path):
+    """Cron mails stderr: on the night a file cannot be read, quiet is not silent."""
+    (tmp_path / "in" / "child").mkdir(parents=True)
+    shutil.copy(NORMAL_JPEG, tmp_path / "in" / "child" / "cxr.jpeg")
+    (tmp_path / "in" / "child" / "cut.jpeg").write_bytes(NORMAL_JPEG.read_bytes()[:300])
+    result = run(tmp_path / "in", "--out", tmp_path / "r.csv", "--quiet")
+    assert result.returncode == 1
+    assert result.stderr == f"error: 1 file could not be read: the error rows of {tmp_path / 'r.csv'}\n"
+    (study,) = rows(tmp_path / "r.csv")
+    assert (study["n_images"], study["n_scored"]) == ("2", "1") and study["reason"].startswith("error:")
+
+def test_a_header_pydicom_repairs_is_noted_in_the_report_not_on_stderr(tmp_path):
+    """A patient ID that is not UTF-8 though the header says so: pydicom decodes it with a
+    replacement character and warns; the warning goes to the image's note, and a quiet night stays quiet."""
+    (tmp_path / "in").mkdir()
+    ds = make_dataset(chest_pixels(256), SpecificCharacterSet="ISO_IR 192")
+    ds.PatientID = b"M\xfcller"  # Latin-1 bytes
+    save(ds, tmp_path / "in" / "cxr.dcm")
+    result = run(tmp_path / "in", "--out", tmp_path / "r.json", "--quiet")
+    assert result.returncode == 0 and result.stderr == ""
+    (study,) = json.loads((tmp_path / "r.json").read_text())["studies"]
+    assert study["status"] == "scored" and study["patient_id"] == "M\ufffdller"
+    assert study["images"][0]["note"] == ("header: Failed to decode byte string with encoding 'UTF8' - using "
+                                          "replacement characters in decoded string")
+
 def test_native_lines_held_back_reach_stderr_all_but_the_notices_even_on_an_abort():
     """TensorFlow's CPU check prints its reason, then aborts, inside the import that holds back its notices."""
     probe = ("import os; from pneumonia_batch.model import stderr_without\n"

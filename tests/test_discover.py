@@ -154,3 +154,20 @@ def test_only_a_file_that_may_still_become_dicom_can_be_a_dicom_file_cut_short(t
     files = found(tmp_path / "cut")
     assert {rel for rel, item in files.items() if discover.may_be_dicom_cut_short(item)} == {
         "empty", "preamble", "header", "bare", "preallocated", "preallocated-begun"}
+
+
+def test_a_file_gone_between_listing_and_reading_is_deferred_not_an_error(tmp_path, monkeypatch):
+    """A receiver's temporary name renamed away mid-run: a deferred row, looked at again next run,
+    not an error that fails the night."""
+    listed = [(str(tmp_path), [], ["renamed-before-stat.dcm.part"])]
+    monkeypatch.setattr(discover.os, "walk", lambda *args, **kwargs: iter(listed))
+    (before_stat,) = discover.walk(tmp_path)
+    assert (before_stat.status, before_stat.reason) == ("deferred", discover.GONE)
+    monkeypatch.undo()
+    save(make_dataset(PIXELS), tmp_path / "renamed-before-read.dcm.part")
+    (before_read,) = discover.walk(tmp_path)
+    before_read.path.unlink()
+    discover.identify(before_read)
+    assert (before_read.status, before_read.reason) == ("deferred", discover.GONE)
+    (study,) = discover.group_studies([before_read])
+    assert study.status == "deferred"

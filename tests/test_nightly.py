@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -156,6 +157,20 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_lock_on_a_full_disk_is_named(tmp_path):
+    """The lock is the first thing a run writes: on a full disk its message names it."""
+    studies = make_studies(tmp_path / "studies", 1)
+    state = tmp_path / "state.db"
+    (tmp_path / "state.db.lock").symlink_to("/dev/full")  # opens like a file on a full disk
+    result = run(studies, "--out", tmp_path / "r.csv", "--state", state)
+    assert result.returncode == 4
+    # the device refuses the lock's truncation (EINVAL) before the write a full disk refuses
+    assert re.fullmatch(f"error: cannot write {re.escape(str(tmp_path / 'state.db.lock'))}: "
+                        "(Invalid argument|No space left on device)\n", result.stderr), result.stderr
+    assert not (tmp_path / "r.csv").exists()
+
 def as_at_a_terminal(args: list[str]) -> list[str]:
     """A test run started in the background (``&``, nohup) ignores SIGINT, and so would the screening
     process it starts: give it the default, as a terminal's Ctrl-C finds it.  Done by a small
@@ -304,6 +319,37 @@ def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
     run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
     assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r2.csv")} == {"child001": "scored"}
 
+
+
+def test_a_reported_study_deferred_by_a_new_file_is_reported_once_it_settles(tmp_path):
+    """A file that is not an X-ray (skipped, and so remembered at once) still being copied into a
+    study reported last night: deferred tonight, reported again the next night, not forgotten."""
+    studies = make_studies(tmp_path / "studies", 2)
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
+    notes = studies / "child000" / "notes.txt"
+    notes.write_text("clinical question: pneumonia? " * 8)  # too long, and not DICOM, to be one cut short
+    half_a_minute_ago = time.time() - 30
+    os.utime(notes, (half_a_minute_ago, half_a_minute_ago))  # and left alone since: the same file
+    run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
+    assert [(r["study_id"], r["status"]) for r in rows(tmp_path / "r2.csv")] == [("child000", "deferred")]
+    run(studies, "--out", tmp_path / "r3.csv", "--state", state, "--min-age", "10")
+    third = rows(tmp_path / "r3.csv")
+    assert [(r["study_id"], r["status"], r["n_scored"]) for r in third] == [("child000", "scored", "1")]
+    assert third[0]["probability"] == [r for r in rows(tmp_path / "r1.csv") if r["study_id"] == "child000"][0][
+        "probability"]
+
+
+def test_a_file_dated_ahead_of_the_clock_holds_up_no_study(tmp_path):
+    """A modality's clock a day fast, its date kept by the copy: screened tonight, not tomorrow.  A
+    file dated a few seconds ahead (a file server's clock) still counts as arriving."""
+    studies = make_studies(tmp_path / "studies", 2)
+    tomorrow, in_a_moment = time.time() + 86400, time.time() + 5
+    os.utime(studies / "child000" / "cxr.jpeg", (tomorrow, tomorrow))
+    os.utime(studies / "child001" / "cxr.jpeg", (in_a_moment, in_a_moment))
+    run(studies, "--out", tmp_path / "r.csv", "--min-age", "60")
+    assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r.csv")} == {"child000": "scored",
+                                                                             "child001": "deferred"}
 
 def test_audit_log_has_run_and_file_events(tmp_path):
     studies = make_studies(tmp_path / "studies", 2)
@@ -488,6 +534,26 @@ def test_a_lossless_copy_arriving_later_replaces_the_scored_lossy_one(tmp_path):
     third = run(studies, "--out", tmp_path / "r3.csv", "--state", state)
     assert third.returncode == 0 and rows(tmp_path / "r3.csv") == []  # the stored duplicate stands
 
+
+
+def test_an_instance_re_sent_under_a_corrected_study_is_scored_for_that_study(tmp_path):
+    """The archive corrects a study's patient and re-sends its X-ray with the same SOPInstanceUID under
+    a new StudyInstanceUID: the corrected study gets the score, not a skip naming last night's file."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    pixels, sop = chest_pixels(256), "1.2.826.0.1.3680043.8.498.2"
+    save(make_dataset(pixels, study_uid="1.2.826.0.1.3680043.8.498.100", sop_uid=sop, patient_id="WRONG"),
+         studies / "old.dcm")
+    state = tmp_path / "state.db"
+    run(studies, "--out", tmp_path / "r1.csv", "--state", state)
+    save(make_dataset(pixels, study_uid="1.2.826.0.1.3680043.8.498.200", sop_uid=sop, patient_id="RIGHT"),
+         studies / "new.dcm", generate_instance_uid=False)
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    (corrected,) = rows(tmp_path / "r2.csv")
+    assert (corrected["patient_id"], corrected["status"], corrected["n_scored"]) == ("RIGHT", "scored", "1")
+    assert float(corrected["probability"]) == pytest.approx(float(rows(tmp_path / "r1.csv")[0]["probability"]),
+                                                            abs=1e-6)
 
 def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
     studies = tmp_path / "studies"

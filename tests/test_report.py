@@ -4,6 +4,7 @@ import csv
 import errno
 import io
 import json
+import os
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -83,10 +84,33 @@ def test_failed_write_leaves_the_old_report_untouched(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("pneumonia_batch.atomic.os.fsync", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as caught:
         report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    assert str(caught.value) == f"cannot write {target}: No space left on device"  # not just the errno
+    assert caught.value.errno == errno.ENOSPC
     assert target.read_text() == "previous report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
+
+
+def test_a_report_name_near_the_file_system_limit_is_written(tmp_path):
+    """The temp file beside it must fit the 255-byte name limit too."""
+    target = tmp_path / ("r" * 251 + ".csv")
+    report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    assert target.read_text().startswith("study_id,")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another owner")
+def test_a_replaced_report_keeps_its_owner_and_group(tmp_path):
+    """A report an admin gave to the group that reads it stays theirs when the run (root) replaces it."""
+    target = tmp_path / "report.csv"
+    target.write_text("previous report\n")
+    os.chown(target, 65534, 65534)
+    os.chmod(target, 0o640)
+    report.write_report(target, "csv", [], report.RunSummary(run_id="r"))
+    replaced = target.stat()
+    assert (replaced.st_uid, replaced.st_gid, replaced.st_mode & 0o777) == (65534, 65534, 0o640)
+    assert target.read_text().startswith("study_id,")
 
 
 def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_path, monkeypatch):
