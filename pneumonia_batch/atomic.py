@@ -37,7 +37,8 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
     tmp = None
     try:
         # the name cut short: a name near the file system's limit would leave no room for the temp's
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=suffix)
+        prefix = os.fsdecode(os.fsencode(path.name)[:64])  # in bytes: the limit is 255 bytes, not characters
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{prefix}.", suffix=suffix)
         os.close(fd)
         try:
             replaced = os.stat(path, follow_symlinks=follow_link)
@@ -82,13 +83,17 @@ class CannotWrite(OSError):
 
 def _keep_owner(tmp: str, replaced: os.stat_result) -> None:
     """The replaced file's owner and group, so the group that read the report still can.  Only
-    root may give a file away; anyone else keeps their own, as a shell's ``>`` would have."""
+    root may give a file away; anyone else may still give it a group they are in.  A file system
+    without owners (a share) refuses both, and the file is theirs as a shell's ``>`` would leave it."""
     made = os.stat(tmp)
-    if (made.st_uid, made.st_gid) != (replaced.st_uid, replaced.st_gid):
+    if (made.st_uid, made.st_gid) == (replaced.st_uid, replaced.st_gid):
+        return
+    for uid in (replaced.st_uid, -1):
         try:
-            os.chown(tmp, replaced.st_uid, replaced.st_gid)
-        except PermissionError:
-            pass
+            os.chown(tmp, uid, replaced.st_gid)
+            return
+        except OSError:
+            continue
 
 
 def fsync_path(path: Path) -> None:

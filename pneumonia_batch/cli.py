@@ -355,8 +355,8 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
         click.echo(summary.line(), err=True)
     else:  # errors, so said even when quiet: a night with them is the one cron should mail
         if errors := summary.counts.get("file_errors"):
-            click.echo(f"error: {errors} file{'s' if errors > 1 else ''} could not be read: "
-                       f"the error rows of {out}", err=True)
+            click.echo(f"error: {errors} file{'s' if errors > 1 else ''} could not be read; the report "
+                       f"{out} says which and why", err=True)
         if summary.export_error:
             click.echo(f"error: review export failed: {summary.export_error}", err=True)
     sys.exit(summary.exit_code)
@@ -371,8 +371,10 @@ def _bar(total: int):
 def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
     """Refuse two options naming one file (the report written over the audit log, the state or the
     model's metadata), and a report, state or log file named onto an X-ray, which it would replace
-    or append to.  Both lose what the user gave us, silently, with exit 0."""
+    or append to, or onto a file the review export writes.  Each loses what the user gave us or
+    what the run wrote, silently, with exit 0."""
     from .discover import image_kind_of
+    from .export import export_would_replace
 
     named = [(option, path) for option, path in paths.items() if path is not None]
     for n, (option, path) in enumerate(named):
@@ -381,6 +383,10 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
                 raise click.UsageError(f"{earlier} and {option} name the same file, {path}")
         if option in ("--out", "--state", "--log-file") and (kind := image_kind_of(path)):
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
+        if (option in ("--out", "--state", "--log-file") and paths.get("--export-flagged")
+                and export_would_replace(path, paths["--export-flagged"])):
+            raise click.UsageError(f"{option} {path} is a file the review export writes; name one outside "
+                                   "its study folders, not worklist.csv or index.html")
 
 
 def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:

@@ -44,6 +44,7 @@ class InputFile:
     reason: str = ""
     probability: float | None = None
     note: str = ""
+    header_note: str = ""  # what pydicom repaired in the header, this run; the decode's note follows it
 
     @property
     def is_image(self) -> bool:
@@ -181,7 +182,10 @@ def identify(item: InputFile, header_filter: bool = True) -> None:
         with warnings.catch_warnings(record=True) as repaired:
             warnings.simplefilter("always")
             item.header = dicom.read_header(item.path)
-        item.note = "; ".join(dict.fromkeys(f"header: {w.message}" for w in repaired))
+        item.header_note = item.note = "; ".join(dict.fromkeys(f"header: {w.message}" for w in repaired))
+    except FileNotFoundError:
+        item.finish("deferred", GONE)
+        return
     except Exception as exc:  # a damaged header raises anything from struct.error to KeyError
         if head[128:132] == b"DICM":
             item.kind = "dicom"

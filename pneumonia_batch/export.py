@@ -3,11 +3,13 @@
 Each flagged study gets a folder with copies of its original files, a Grad-CAM
 overlay per scored image and ``result.json``.  The
 top-level ``worklist.csv`` and ``index.html`` are rebuilt from every study
-folder present, so a study once exported stays listed: later runs only add.
+folder present, so a study once exported stays listed: later runs only add, and
+a study exported again keeps listing the copies of earlier nights.
 Folder and file names come from identifiers that may contain anything, so
 they are reduced to safe characters and suffixed with a hash of the study
-key: unique, stable across runs, and always inside the export folder, where a
-link someone placed is replaced rather than written through.
+key (and, for a PNG/JPEG study, of the screened folder): unique, stable across
+runs, and always inside the export folder, where a link someone placed is
+replaced rather than written through.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -28,13 +31,15 @@ from pathlib import Path
 
 from .atomic import same_file, write_atomic, write_json_atomic
 from .discover import Study
-from .model import ModelInfo
+from .model import ModelError, ModelInfo
 from .report import safe_cell
 
 RESULT_FILE = "result.json"
+PAGE_FILES = ("worklist.csv", "index.html")  # at the top of the export, rebuilt every run
 # a file screening could not read, failing to copy for the same reason, is no export failure
 UNREADABLE = (errno.EACCES, errno.EPERM, errno.ENOENT)
 THUMBNAIL_PREFIX = "data:image/jpeg;base64,"
+SUFFIX_LIMIT = 10  # with its dot: ".jpeg", ".dicom"; a longer one is cut
 RESERVED_WINDOWS_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                           *(f"LPT{i}" for i in range(1, 10))}
 WORKLIST_COLUMNS = ["study_id", "patient_id", "accession_number", "study_date", "probability",
@@ -51,8 +56,26 @@ def safe_name(text: str, fallback: str, limit: int = 40) -> str:
     return cleaned
 
 
-def study_folder_name(record: dict) -> str:
-    digest = hashlib.sha256(record["study_key"].encode()).hexdigest()[:10]
+def safe_file_name(name: str, limit: int = 40) -> str:
+    """safe_name of a file's name, cut short in its stem only: the suffix (.dcm, .jpeg) is what
+    opens the copy in a viewer.  A name within the limit comes out as safe_name makes it."""
+    cleaned = safe_name(name, "file", limit=len(name))
+    stem, suffix = os.path.splitext(cleaned)
+    suffix = suffix[:SUFFIX_LIMIT].rstrip("._-")
+    if len(cleaned) <= limit or not re.search("[A-Za-z]", suffix):  # digits: a UID's last part, no suffix
+        return safe_name(name, "file", limit)
+    return safe_name(stem, "file", limit=limit - len(suffix)) + suffix
+
+
+def study_folder_name(record: dict, screened: Path) -> str:
+    """``<patient id>_<study date>_<hash>``.  A PNG/JPEG study is only a top-level folder of the
+    screened folder (``path:child001``), a name the next screened folder may use for another
+    patient: its hash covers the screened folder too, resolved, so the same folder on later nights
+    keeps its study folder.  A DICOM study's UID is its own wherever it arrives from."""
+    key = record["study_key"].encode()
+    if record["study_key"].startswith("path:"):
+        key += b"\0" + os.fsencode(Path(screened).resolve())  # a folder name need not be UTF-8
+    digest = hashlib.sha256(key).hexdigest()[:10]
     return "_".join([safe_name(record["patient_id"], "no-patient-id"),
                      safe_name(record["study_date"], "no-date"), digest])
 
@@ -68,7 +91,15 @@ def exported_name(item) -> str:
     """The file's name behind a hash of its path, size and mtime: a replaced file gets a new name
     (and a new overlay) instead of being shadowed by the old export."""
     digest = hashlib.sha256(f"{item.rel}\0{item.size}\0{item.mtime}".encode()).hexdigest()[:8]
-    return f"{digest}_{safe_name(Path(item.rel).name, 'file')}"
+    return f"{digest}_{safe_file_name(Path(item.rel).name)}"
+
+
+def export_would_replace(path: Path, export_dir: Path) -> bool:
+    """Whether the export may write over ``path``: its worklist and page, or anything in a study
+    folder (one holding a result.json)."""
+    real = Path(os.path.realpath(path))
+    return ((real.name in PAGE_FILES and same_file(real.parent, export_dir))
+            or (real.parent / RESULT_FILE).is_file() and same_file(real.parent.parent, export_dir))
 
 
 def _copy_refusal(path: Path, real_root: Path) -> str:
@@ -144,16 +175,18 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     outcome = ExportOutcome(exported=len(flagged))
     model = None
     for study, record in flagged:
-        folder = _inside(export_dir, export_dir / study_folder_name(record))
+        folder = _inside(export_dir, export_dir / study_folder_name(record, real_root))
         folder.mkdir(exist_ok=True)
-        known_thumbnails = _thumbnails_of(folder)
+        earlier = _earlier_images(folder)
+        known_thumbnails = {image["overlay"]: thumbnail for image in earlier
+                            if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}
         images = []
         problems = []
         scored = study.scored
         for item in study.files:
             name = exported_name(item)
             entry = {"file": item.rel, "exported_as": name, "status": item.status,
-                     "probability": item.probability}
+                     "probability": item.probability, "note": item.note}  # "first of 3 frames"
             refusal = _copy_refusal(item.path, real_root)
             if refusal:
                 entry.update(exported_as=None, not_exported=refusal)
@@ -161,7 +194,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                 try:
                     _copy(item.path, folder / name)  # a safe name: no separator, no leading dot
                 except OSError as exc:  # gone since the scan, a full disk: listed, and retried
-                    entry.update(exported_as=None, export_error=exc.strerror or str(exc))
+                    entry.update(exported_as=None, export_error=one_line(exc.strerror or str(exc)))
                     if not (item.status == "error" and exc.errno in UNREADABLE):  # its error row says so
                         problems.append(f"{item.rel}: {entry['export_error']}")
             if item in scored and entry["exported_as"]:
@@ -173,12 +206,15 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     if model is None:  # TensorFlow only when an overlay is really needed
                         from .model import load_keras_model
 
-                        model = load_keras_model(info.path)
+                        try:
+                            model = load_keras_model(info.path)
+                        except ModelError as exc:  # the run's summary is one line
+                            raise ModelError(one_line(str(exc))) from exc
                     try:
                         _write_overlay(model, info, item, overlay_path)
                         made_now = True
                     except Exception as exc:  # the file changed or vanished since it was scored
-                        entry["overlay_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        entry["overlay_error"] = one_line(f"{type(exc).__name__}: {exc}")[:300]
                         problems.append(f"{item.rel}: no overlay: {entry['overlay_error']}")
                 if _is_export_file(overlay_path):
                     entry["overlay"] = overlay_name
@@ -188,11 +224,20 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                     try:
                         entry["thumbnail"] = stored or _thumbnail(overlay_path)
                     except (OSError, ValueError) as exc:  # a damaged overlay: the page links it instead
-                        entry["thumbnail_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        entry["thumbnail_error"] = one_line(f"{type(exc).__name__}: {exc}")[:300]
             images.append(entry)
         if problems:
-            outcome.incomplete[record["study_key"]] = f"{record['study_id']}: {problems[0]}"
+            outcome.incomplete[record["study_key"]] = one_line(f"{record['study_id']}: {problems[0]}")
+        # Files exported on earlier nights stay listed while their copies are here (a study's
+        # instances may be moved out of the screened folder once read): the export only grows.
+        listed = {entry["file"] for entry in images}
+        kept = [image for image in earlier if _still_exported(image, folder) and image["file"] not in listed]
+        images = sorted(images + kept, key=lambda image: image["file"])
         result = {key: record[key] for key in record if key != "images"}
+        scores = [image["probability"] for image in kept if image.get("status") == "scored"
+                  and image["probability"] is not None]
+        result.update(probability=max([record["probability"], *scores]),
+                      n_scored=record["n_scored"] + len(scores))
         result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
                       export_version=1)
         write_json_atomic(folder / RESULT_FILE, result, follow_link=False)
@@ -220,18 +265,30 @@ def _stored_thumbnail(image) -> str | None:
     return value if isinstance(value, str) and value.startswith(THUMBNAIL_PREFIX) else None
 
 
-def _thumbnails_of(folder: Path) -> dict[str, str]:
-    """Overlay name -> thumbnail data URI, from the study's earlier result.json (which a person
-    may have edited or damaged: anything unexpected is ignored)."""
+def _earlier_images(folder: Path) -> list[dict]:
+    """The images of the study's earlier result.json (which a person may have edited or damaged:
+    anything unexpected is ignored)."""
     try:
         result = json.loads((folder / RESULT_FILE).read_text())
     except (OSError, ValueError):
-        return {}
+        return []
     images = result.get("images") if isinstance(result, dict) else None
-    if not isinstance(images, list):
-        return {}
-    return {image["overlay"]: thumbnail for image in images
-            if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}
+    return [image for image in images if isinstance(image, dict)] if isinstance(images, list) else []
+
+
+def _still_exported(image: dict, folder: Path) -> bool:
+    """An earlier entry whose copy is still in the study's folder, with a plain name and a score
+    to list (a name with a separator, from a hand edit, would reach outside)."""
+    name, probability = image.get("exported_as"), image.get("probability")
+    return (isinstance(image.get("file"), str) and isinstance(name, str) and name == Path(name).name
+            and not name.startswith(".") and _is_export_file(folder / name)
+            and (probability is None or (isinstance(probability, (int, float))
+                                         and not isinstance(probability, bool) and math.isfinite(probability))))
+
+
+def one_line(text: str) -> str:
+    """An error as one line of result.json and of the run's summary (Keras's messages span many)."""
+    return " ".join(text.split())
 
 
 def _is_listable(result) -> bool:
@@ -264,8 +321,9 @@ def rebuild_index(export_dir: Path) -> None:
     writer.writeheader()
     for result in results:
         writer.writerow({k: safe_cell(result.get(k)) for k in WORKLIST_COLUMNS})
-    write_atomic(export_dir / "worklist.csv", buffer.getvalue(), follow_link=False)
-    write_atomic(export_dir / "index.html", render_html(export_dir, results), follow_link=False)
+    worklist, page = (export_dir / name for name in PAGE_FILES)
+    write_atomic(worklist, buffer.getvalue(), follow_link=False)
+    write_atomic(page, render_html(export_dir, results), follow_link=False)
 
 
 def _thumbnail(path: Path) -> str:
@@ -295,6 +353,14 @@ def _picture(folder: Path, image) -> str:
     return f'<a href="{link}"><img alt="{html.escape(image["file"])}" src="{html.escape(thumbnail)}"></a>'
 
 
+def _note(image) -> str:
+    """What the report noted of an image (``first of 3 frames``: the others were not looked at)."""
+    if not (isinstance(image, dict) and isinstance(image.get("file"), str)
+            and isinstance(image.get("note"), str) and image["note"]):
+        return ""
+    return f'<div class="note">{html.escape(image["file"])}: {html.escape(image["note"])}</div>'
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'">
@@ -321,6 +387,7 @@ def render_html(export_dir: Path, results: list[dict]) -> str:
     cards = []
     for r in results:
         pictures = "".join(_picture(export_dir / r["folder"], i) for i in r["images"])
+        notes = "".join(_note(i) for i in r["images"])
         cards.append(
             f'<div class="card" data-study="{html.escape(r["study_id"])}">'
             f'<h2>{html.escape(r["study_id"])}</h2>'
@@ -329,6 +396,6 @@ def render_html(export_dir: Path, results: list[dict]) -> str:
             f'<div>probability <span class="prob">{r["probability"]:.3f}</span> (threshold '
             f'{r["threshold"]:.3f}) &middot; {r["n_scored"]} image(s) scored &middot; '
             f'folder <code>{html.escape(r["folder"])}</code></div>'
-            f'<div class="images">{pictures}</div></div>')
+            f'<div class="images">{pictures}</div>{notes}</div>')
     return PAGE.format(count=len(results), cards="\n".join(cards))
 

@@ -16,29 +16,50 @@ from .preprocess import scale_batch
 def heatmaps(model, batch: np.ndarray, input_scale: str) -> np.ndarray:
     """(n, h, w) maps in [0, 1] for a uint8 batch, at the last 4-D layer's resolution.
 
-    The classifier is applied layer by layer (it is a single chain), so the
-    feature maps of its last spatial layer can be watched by the tape.
+    The feature maps and the score come from models cut from the classifier's own graph, so a
+    skip connection or a merge layer (DenseNet's concatenations, a ResNet's additions) runs as it
+    was built: calling the layers one after another would hand a merge layer a single input.
     """
     import keras
     import tensorflow as tf
 
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    last_spatial = max(i for i, layer in enumerate(layers) if len(layer.output.shape) == 4)
+    feature = _last_feature_map(model)
     x = tf.convert_to_tensor(scale_batch(batch, input_scale))
-    for layer in layers[:last_spatial + 1]:
-        x = layer(x, training=False)
-    features = x
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        y = features
-        for layer in layers[last_spatial + 1:]:
-            y = layer(y, training=False)
-        score = y[:, PNEUMONIA_INDEX]
+    try:  # the head alone on the tape: taping the backbone too doubles the time of a map
+        head = keras.Model(feature, model.outputs[0])
+    except ValueError:  # a head that also reads earlier layers: the whole network on the tape
+        head = None
+    if head is not None:
+        features = keras.Model(model.inputs, feature)(x, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            score = head(features, training=False)[:, PNEUMONIA_INDEX]
+    else:
+        with tf.GradientTape() as tape:
+            features, probabilities = keras.Model(model.inputs, [feature, model.outputs[0]])(x, training=False)
+            score = probabilities[:, PNEUMONIA_INDEX]
     grads = tape.gradient(score, features)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
     peak = cams.reshape(len(cams), -1).max(axis=1)[:, None, None]
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
+
+
+def _last_feature_map(model):
+    """The output of the model's last layer with a 4-D output, as a tensor of the model's graph.
+
+    Taken from the node where the model calls the layer: a nested backbone (the shipped model's
+    DenseNet-121 is one layer) answers ``.output`` with its own inner tensor, which is not
+    connected to the outer model's inputs.
+    """
+    import keras
+
+    outputs = [layer._inbound_nodes[-1].output_tensors[0] for layer in model.layers
+               if not isinstance(layer, keras.layers.InputLayer)]
+    spatial = [tensor for tensor in outputs if len(tensor.shape) == 4]
+    if not spatial:
+        raise ValueError("the model has no layer with 4-D (spatial) output to draw a heatmap from")
+    return spatial[-1]
 
 
 def overlay(grey: Image.Image, cam: np.ndarray, alpha: float = 0.4) -> Image.Image:

@@ -163,7 +163,7 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
                 queue.clear()
                 for waiting in in_flight:
                     submit(waiting)
-            item.note = "; ".join(n for n in (item.note, note) if n)  # after what the header said
+            item.note = "; ".join(n for n in (item.header_note, note) if n)
             if error:
                 item.finish("error", error)
             yield item, array

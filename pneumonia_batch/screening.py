@@ -256,34 +256,44 @@ def _needs_reporting(study: discover.Study, restored: set[str], reported: set[st
     return any(f.rel not in restored for f in study.files) or study.key not in reported
 
 
+# How far ahead of this machine's clock a file being copied in may be dated (a file server's clock)
+CLOCK_SKEW_S = 3600
+
+
 def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
     """A study with a file younger than ``min_age`` seconds is still being copied in.
 
     A DICOM file caught half-written may not have its StudyInstanceUID yet (or
     even its DICM prefix), so it cannot name its study: then every study with a
-    file in its folder waits too.
+    file in its folder waits too.  So does every study beside a file gone since
+    the folder was listed (a receiver's temporary name renamed meanwhile), with or
+    without ``min_age``: its study may be missing the file under its new name.
 
-    A file dated further ahead than ``min_age`` says nothing of when it arrived (a modality's clock,
-    kept by the copy): it would hold its study back until that date, so it holds back no one.
+    A file dated further ahead than the clock may be wrong (an hour, or ``min_age``
+    if longer) says nothing of when it arrived (a modality's clock, kept by the
+    copy): it would hold its study back until that date, so it holds back no one.
     """
-    if min_age <= 0:
-        return
     now = time.time()
 
     def is_recent(item: discover.InputFile) -> bool:
-        return now - min_age < item.mtime <= now + min_age
+        return (min_age > 0 and item.mtime is not None
+                and now - min_age < item.mtime <= now + max(min_age, CLOCK_SKEW_S))
+
+    def is_gone(item: discover.InputFile) -> bool:
+        return item.status == "deferred" and item.reason == discover.GONE
+
+    def why(item: discover.InputFile) -> str:
+        return discover.GONE if is_gone(item) else f"modified less than {min_age:g} s ago"
 
     unplaced = {f.rel: f for s in studies for f in s.files
-                if is_recent(f) and discover.may_be_dicom_cut_short(f)}
+                if is_gone(f) or (is_recent(f) and discover.may_be_dicom_cut_short(f))}
     waited_for = {f.path.parent: f for f in unplaced.values()}
     for study in studies:
-        recent = [f for f in study.files if is_recent(f)]
+        recent = [f for f in study.files if is_recent(f) or is_gone(f)]
         nearby = [waited_for[f.path.parent] for f in study.files if f.path.parent in waited_for]
         if not (recent or nearby):
             continue
         blocker = (recent or nearby)[0]
         for item in study.files:
-            if item.status in ("pending", "scored") or item.rel in unplaced:
-                why = "" if is_recent(item) else f"waiting for {blocker.rel}, "
-                item.finish("deferred", f"{why}modified less than {min_age:g} s ago")
-
+            if item.status in ("pending", "scored") or (item.rel in unplaced and not is_gone(item)):
+                item.finish("deferred", why(item) if is_recent(item) else f"waiting for {blocker.rel}, {why(blocker)}")

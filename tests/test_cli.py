@@ -206,6 +206,25 @@ def test_outputs_that_would_overwrite_each_other_or_an_x_ray_are_refused(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["studies"]
 
 
+
+def test_outputs_the_review_export_would_write_over_are_refused(tmp_path):
+    """The worklist, the page and a study folder's files are the export's: a report, state or log
+    named there would be replaced by it, or replace it.  A report beside them is fine."""
+    studies, review = tmp_path / "studies", tmp_path / "review"
+    shutil.copytree(EXAMPLES / "paediatric-pneumonia", studies / "child")
+    assert run(studies, "--out", tmp_path / "r.csv", "--export-flagged", review).returncode == 0
+    (study_folder,) = [p for p in review.iterdir() if p.is_dir()]
+    before = {p: p.read_bytes() for p in review.rglob("*") if p.is_file()}
+    for option, path in [("--out", review / "index.html"), ("--log-file", review / "worklist.csv"),
+                         ("--state", study_folder / "state.db"), ("--out", study_folder / "result.json")]:
+        args = ["--out", tmp_path / "r.csv", option, path] if option != "--out" else [option, path]
+        result = run(studies, *args, "--format", "csv", "--export-flagged", review)
+        assert result.returncode == 2 and f"{option} {path} is a file the review export writes" in result.stderr, \
+            result.stderr
+    assert {p: p.read_bytes() for p in review.rglob("*") if p.is_file()} == before
+    result = run(studies, "--out", review / "report.csv", "--export-flagged", review)
+    assert result.returncode == 0 and len(rows(review / "report.csv")) == 1
+
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A folder nothing can be written in: a read-only mount for root (which ignores mode bits)."""
@@ -330,7 +349,7 @@ def test_a_quiet_run_with_files_it_could_not_read_says_so(tmp_path):
     (tmp_path / "in" / "child" / "cut.jpeg").write_bytes(NORMAL_JPEG.read_bytes()[:300])
     result = run(tmp_path / "in", "--out", tmp_path / "r.csv", "--quiet")
     assert result.returncode == 1
-    assert result.stderr == f"error: 1 file could not be read: the error rows of {tmp_path / 'r.csv'}\n"
+    assert result.stderr == f"error: 1 file could not be read; the report {tmp_path / 'r.csv'} says which and why\n"
     (study,) = rows(tmp_path / "r.csv")
     assert (study["n_images"], study["n_scored"]) == ("2", "1") and study["reason"].startswith("error:")
 

@@ -171,3 +171,17 @@ def test_a_file_gone_between_listing_and_reading_is_deferred_not_an_error(tmp_pa
     assert (before_read.status, before_read.reason) == ("deferred", discover.GONE)
     (study,) = discover.group_studies([before_read])
     assert study.status == "deferred"
+
+
+def test_a_dicom_file_gone_between_its_first_bytes_and_its_header_is_deferred(tmp_path, monkeypatch):
+    save(make_dataset(PIXELS), tmp_path / "a.dcm")
+    (item,) = discover.walk(tmp_path)
+    read_header = discover.dicom.read_header
+
+    def renamed_first(path):
+        path.unlink()
+        return read_header(path)
+
+    monkeypatch.setattr(discover.dicom, "read_header", renamed_first)
+    discover.identify(item)
+    assert (item.status, item.reason) == ("deferred", discover.GONE)

@@ -21,12 +21,10 @@ def top_right(plane: np.ndarray) -> np.ndarray:
     return plane[:h // 2, w // 2:]
 
 
-@pytest.fixture(scope="module")
-def model():
-    """Positive convolutions, then the last spatial layer: the features masked to the top-right
-    quadrant, which the head reads for pneumonia, beside the same features unmasked, which it
-    ignores.  Only the gradient tells the two apart: a map of the activations alone would light up
-    everywhere."""
+def top_right_beside_all():
+    """The last spatial layer: the features masked to the top-right quadrant, which the head reads
+    for pneumonia, beside the same features unmasked, which it ignores.  Only the gradient tells
+    the two apart: a map of the activations alone would light up everywhere."""
     import keras
 
     class TopRightBesideAll(keras.layers.Layer):
@@ -35,22 +33,52 @@ def model():
             top_right(mask[0])[:] = 1
             return keras.ops.concatenate([x * mask, x], axis=-1)
 
+    return TopRightBesideAll()
+
+
+@pytest.fixture(scope="module", params=["chain", "skip-connection", "nested-backbone", "head-reads-earlier"])
+def model(request):
+    """Positive convolutions, then the top-right layer, then a head reading its masked half.
+
+    As a single chain of layers; with a skip connection (an ``Add`` of two branches, as in ResNets
+    and, by concatenation, DenseNet); with that branching backbone nested as one layer, as the
+    shipped model nests its DenseNet-121; and with a head that also pools an earlier layer (with
+    weight 0), so it cannot be cut from the backbone at the last feature maps."""
+    import keras
+
     keras.utils.set_random_seed(0)
     positive = keras.initializers.RandomUniform(0.0, 0.1, seed=0)
     head = np.zeros((16, 2), np.float32)
     head[:8, PNEUMONIA_INDEX] = 0.05  # small enough that the softmax is not saturated
     conv = dict(strides=2, padding="same", activation="relu", kernel_initializer=positive)
-    classifier = keras.Sequential([
-        keras.Input((INPUT_SIZE, INPUT_SIZE, 3)),
-        keras.layers.Conv2D(4, 3, **conv),
-        keras.layers.Conv2D(8, 3, **conv),
-        keras.layers.Conv2D(8, 3, **conv),
-        keras.layers.Conv2D(8, 3, **conv),
-        TopRightBesideAll(),  # the last spatial layer: 14 x 14
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.Constant(head)),
-    ])
-    return classifier
+    if request.param == "chain":
+        return keras.Sequential([
+            keras.Input((INPUT_SIZE, INPUT_SIZE, 3)),
+            keras.layers.Conv2D(4, 3, **conv),
+            keras.layers.Conv2D(8, 3, **conv),
+            keras.layers.Conv2D(8, 3, **conv),
+            keras.layers.Conv2D(8, 3, **conv),
+            top_right_beside_all(),  # the last spatial layer: 14 x 14
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.Constant(head)),
+        ])
+    image = keras.Input((INPUT_SIZE, INPUT_SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, **conv)(image)
+    x = keras.layers.Conv2D(8, 3, **conv)(x)
+    x = keras.layers.Conv2D(8, 3, **conv)(x)
+    x = keras.layers.Conv2D(8, 3, **conv)(x)
+    branch = keras.layers.Conv2D(8, 1, activation="relu", kernel_initializer=positive)(x)
+    x = top_right_beside_all()(keras.layers.Add()([x, branch]))
+    if request.param == "nested-backbone":
+        backbone = keras.Model(image, x, name="backbone")
+        image = keras.Input((INPUT_SIZE, INPUT_SIZE, 3))
+        x = backbone(image)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if request.param == "head-reads-earlier":
+        x = keras.layers.Concatenate()([x, keras.layers.GlobalAveragePooling2D()(branch)])
+        head = np.concatenate([head, np.zeros((8, 2), np.float32)])
+    scores = keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.Constant(head))(x)
+    return keras.Model(image, scores)
 
 
 def xray(width: int, height: int, seed: int) -> Image.Image:

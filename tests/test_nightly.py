@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pneumonia_batch.bench import process_tree
@@ -351,6 +352,44 @@ def test_a_file_dated_ahead_of_the_clock_holds_up_no_study(tmp_path):
     assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r.csv")} == {"child000": "scored",
                                                                              "child001": "deferred"}
 
+
+def test_a_file_renamed_away_while_the_folder_is_read_defers_its_folder(tmp_path, monkeypatch):
+    """A receiver renames its temporary file between the listing and the reading: the study beside
+    it may be missing that image under its new name, so it waits (not scored, flagged or exported,
+    and no error), and the next night reports it whole."""
+    from click.testing import CliRunner
+
+    from pneumonia_batch import cli, discover
+
+    studies, state, review = make_studies(tmp_path / "studies", 2), tmp_path / "state.db", tmp_path / "review"
+    part = studies / "child001" / ".cxr2.jpeg.part"
+    shutil.copy(PNEUMONIA_JPEG, part)
+    os.utime(part, (OLD, OLD))
+    listing = discover.walk
+
+    def renamed_after_listing(*args, **kwargs):
+        found = listing(*args, **kwargs)
+        part.rename(studies / "child001" / "cxr2.jpeg")
+        return found
+
+    monkeypatch.setattr(discover, "walk", renamed_after_listing)
+    args = ["--state", state, "--threshold", "0", "--export-flagged", review]
+    result = CliRunner().invoke(cli.screen, [str(a) for a in [studies, "--out", tmp_path / "r1.csv", *args,
+                                                                "--no-progress"]])
+    assert result.exit_code == 0, result.output
+    first = {r["study_id"]: r for r in rows(tmp_path / "r1.csv")}
+    assert (first["child000"]["status"], first["child000"]["flagged"]) == ("scored", "true")
+    assert (first["child001"]["status"], first["child001"]["flagged"]) == ("deferred", "false")
+    assert first["child001"]["reason"] == (f"deferred: {discover.GONE} (1); deferred: waiting for "
+                                           f"child001/.cxr2.jpeg.part, {discover.GONE} (1)")
+    assert [r["study_id"] for r in rows(review / "worklist.csv")] == ["child000"]
+    monkeypatch.undo()
+    second = run(studies, "--out", tmp_path / "r2.csv", *args)
+    assert second.returncode == 0, second.stderr
+    (child001,) = rows(tmp_path / "r2.csv")
+    assert (child001["study_id"], child001["status"], child001["n_scored"]) == ("child001", "scored", "2")
+    assert sorted(r["study_id"] for r in rows(review / "worklist.csv")) == ["child000", "child001"]
+
 def test_audit_log_has_run_and_file_events(tmp_path):
     studies = make_studies(tmp_path / "studies", 2)
     (studies / "junk.txt").write_text("x")
@@ -554,6 +593,24 @@ def test_an_instance_re_sent_under_a_corrected_study_is_scored_for_that_study(tm
     assert (corrected["patient_id"], corrected["status"], corrected["n_scored"]) == ("RIGHT", "scored", "1")
     assert float(corrected["probability"]) == pytest.approx(float(rows(tmp_path / "r1.csv")[0]["probability"]),
                                                             abs=1e-6)
+
+
+def test_a_note_is_not_repeated_when_a_stored_copy_is_scored_again(tmp_path):
+    """A two-frame lossy instance scored, set aside for a lossless copy, then scored again when that
+    copy goes: its note says "first of 2 frames" once."""
+    studies, state = tmp_path / "studies", tmp_path / "state.db"
+    (studies / "study").mkdir(parents=True)
+    frames = np.stack([chest_pixels(128), chest_pixels(128)])
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
+    save(make_dataset(frames, LossyImageCompression="01", **uids), studies / "study" / "lossy.dcm")
+    run(studies, "--out", tmp_path / "r1.json", "--state", state)
+    save(make_dataset(frames, **uids), studies / "study" / "lossless.dcm", generate_instance_uid=False)
+    run(studies, "--out", tmp_path / "r2.json", "--state", state)
+    (studies / "study" / "lossless.dcm").unlink()
+    run(studies, "--out", tmp_path / "r3.json", "--state", state)
+    (study,) = json.loads((tmp_path / "r3.json").read_text())["studies"]
+    assert [(i["file"], i["status"], i["note"]) for i in study["images"]] == [
+        ("study/lossy.dcm", "scored", "first of 2 frames")]
 
 def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
     studies = tmp_path / "studies"
@@ -855,14 +912,14 @@ def test_the_export_copies_only_regular_files_inside_the_screened_folder(tmp_pat
 def test_links_placed_in_the_review_folder_are_replaced_never_written_through(tmp_path):
     """The review share may be writable by many: a link there must not make the export write elsewhere."""
     from pneumonia_batch.discover import InputFile
-    from pneumonia_batch.export import exported_name
+    from pneumonia_batch.export import exported_name, study_folder_name
 
     studies = make_studies(tmp_path / "studies", 1)
     image = studies / "child000" / "cxr.jpeg"
     copy = exported_name(InputFile(rel="child000/cxr.jpeg", path=image, size=image.stat().st_size,
                                    mtime=image.stat().st_mtime))
     export = tmp_path / "review"
-    folder = export / f"no-patient-id_no-date_{hashlib.sha256(b'path:child000').hexdigest()[:10]}"
+    folder = export / study_folder_name({"study_key": "path:child000", "patient_id": "", "study_date": ""}, studies)
     folder.mkdir(parents=True)
     outside = {}
     for name in ["worklist.csv", "index.html", f"{folder.name}/result.json", f"{folder.name}/{copy}",
