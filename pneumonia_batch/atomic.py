@@ -37,7 +37,9 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
     tmp = None
     try:
         # the name cut short: a name near the file system's limit would leave no room for the temp's
-        prefix = os.fsdecode(os.fsencode(path.name)[:64])  # in bytes: the limit is 255 bytes, not characters
+        prefix = path.name  # cut to 64 bytes, whole characters: the limit is 255 bytes, not characters
+        while len(os.fsencode(prefix)) > 64:
+            prefix = prefix[:-1]
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{prefix}.", suffix=suffix)
         os.close(fd)
         try:

@@ -21,7 +21,6 @@ import hashlib
 import html
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import same_file, write_atomic, write_json_atomic
-from .discover import Study
+from .discover import Study, readable
 from .model import ModelError, ModelInfo
 from .report import safe_cell
 
@@ -171,6 +170,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         raise OSError(f"{export_dir} is a link to {os.readlink(export_dir)}, which does not exist")
     export_dir.mkdir(parents=True, exist_ok=True)
     real_root = Path(screened).resolve()
+    screened_name = readable(str(real_root))  # a night's paths are relative to the folder it screened
     flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]
     outcome = ExportOutcome(exported=len(flagged))
     model = None
@@ -185,7 +185,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         scored = study.scored
         for item in study.files:
             name = exported_name(item)
-            entry = {"file": item.rel, "exported_as": name, "status": item.status,
+            entry = {"file": item.rel, "screened": screened_name, "exported_as": name, "status": item.status,
                      "probability": item.probability, "note": item.note}  # "first of 3 frames"
             refusal = _copy_refusal(item.path, real_root)
             if refusal:
@@ -228,11 +228,8 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
             images.append(entry)
         if problems:
             outcome.incomplete[record["study_key"]] = one_line(f"{record['study_id']}: {problems[0]}")
-        # Files exported on earlier nights stay listed while their copies are here (a study's
-        # instances may be moved out of the screened folder once read): the export only grows.
-        listed = {entry["file"] for entry in images}
-        kept = [image for image in earlier if _still_exported(image, folder) and image["file"] not in listed]
-        images = sorted(images + kept, key=lambda image: image["file"])
+        kept = _kept_from_earlier(earlier, images, folder, screened_name)
+        images = sorted(images + kept, key=lambda image: (image["file"], image.get("screened") or ""))
         result = {key: record[key] for key in record if key != "images"}
         scores = [image["probability"] for image in kept if image.get("status") == "scored"
                   and image["probability"] is not None]
@@ -276,14 +273,48 @@ def _earlier_images(folder: Path) -> list[dict]:
     return [image for image in images if isinstance(image, dict)] if isinstance(images, list) else []
 
 
+def _kept_from_earlier(earlier: list[dict], images: list[dict], folder: Path, screened: str) -> list[dict]:
+    """The entries of earlier nights that stay listed: their copies are still here (a study's
+    instances may be moved out of the screened folder once read; the export only grows), and
+    tonight neither lists the same file of the same screened folder (an entry from before
+    ``screened`` was recorded counts as tonight's folder) nor copied the same bytes (a file
+    renamed since, an instance re-sent under another name)."""
+    listed = {(entry["screened"], entry["file"]) for entry in images}
+    copied = {}
+    for entry in images:
+        if entry["exported_as"] and (folder / entry["exported_as"]).is_file():
+            copied.setdefault((folder / entry["exported_as"]).stat().st_size, []).append(folder / entry["exported_as"])
+    kept = []
+    for image in earlier:
+        if not _still_exported(image, folder) or (image.get("screened") or screened, image["file"]) in listed:
+            continue
+        copy = folder / image["exported_as"]
+        same_size = copied.get(copy.stat().st_size, [])
+        if same_size and any(_same_bytes(copy, other) for other in same_size):
+            continue
+        kept.append(image)
+    return kept
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as first, open(b, "rb") as second:
+        while True:
+            chunk = first.read(1 << 20)
+            if chunk != second.read(1 << 20):
+                return False
+            if not chunk:
+                return True
+
+
 def _still_exported(image: dict, folder: Path) -> bool:
     """An earlier entry whose copy is still in the study's folder, with a plain name and a score
-    to list (a name with a separator, from a hand edit, would reach outside)."""
-    name, probability = image.get("exported_as"), image.get("probability")
-    return (isinstance(image.get("file"), str) and isinstance(name, str) and name == Path(name).name
+    to list: a probability from 0 to 1, or none (a hand edit may have put anything there, and a
+    name with a separator would reach outside)."""
+    name, probability, screened = image.get("exported_as"), image.get("probability"), image.get("screened")
+    return (isinstance(image.get("file"), str) and (screened is None or isinstance(screened, str))
+            and isinstance(name, str) and name == Path(name).name
             and not name.startswith(".") and _is_export_file(folder / name)
-            and (probability is None or (isinstance(probability, (int, float))
-                                         and not isinstance(probability, bool) and math.isfinite(probability))))
+            and (probability is None or (type(probability) in (int, float) and 0 <= probability <= 1)))
 
 
 def one_line(text: str) -> str:

@@ -135,6 +135,8 @@ class State:
             return False
         item.kind, item.header = row["kind"], header
         item.status, item.reason, item.note = status, reason, row["note"]
+        # kept apart for a decode again (a stored duplicate made pending): its note follows this
+        item.header_note = "; ".join(part for part in (row["note"] or "").split("; ") if part.startswith("header: "))
         item.probability = row["probability"]
         return True
 

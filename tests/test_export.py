@@ -156,3 +156,46 @@ def test_an_error_spanning_lines_is_one_line_in_the_result_and_the_summary(tmp_p
     assert outcome.problem() == (f"1 of 1 flagged studies exported incompletely (first: child001: "
                                  f"child001/cxr.jpeg: no overlay: {image['overlay_error']}); "
                                  "their result.json lists each file's error")
+
+
+def test_earlier_entries_are_told_apart_by_screened_folder_and_by_content(tmp_path):
+    """Night folders name their files alike (``s/IM0001.dcm`` each night): an earlier night's image
+    stays listed.  A file renamed since is listed once, not under both names.  A hand-edited
+    probability out of range is dropped, never a crash that loses the report."""
+    uid, export = "1.2.826.0.1.3680043.8.498.8", tmp_path / "review"
+    pneumonia = np.asarray(Image.open(PNEUMONIA_JPEG).convert("L").resize((320, 320)))
+    nights = {"n1": make_dataset(chest_pixels(), study_uid=uid, WindowCenter=2048, WindowWidth=4096),
+              "n2": make_dataset(pneumonia, study_uid=uid, bits_stored=8)}
+    for name, ds in nights.items():
+        (tmp_path / name / "s").mkdir(parents=True)
+        save(ds, tmp_path / name / "s" / "IM0001.dcm")
+
+    def night(folder, report):
+        result = run(folder, "--out", tmp_path / report, "--threshold", "0", "--export-flagged", export)
+        assert result.returncode == 0, result.stderr
+        return float(rows(tmp_path / report)[0]["probability"])
+
+    def listed():
+        (folder,) = study_folders(export)
+        return folder, json.loads((folder / "result.json").read_text())
+
+    p2, p1 = night(tmp_path / "n2", "r2.csv"), night(tmp_path / "n1", "r1.csv")
+    folder, result = listed()
+    assert sorted((Path(i["screened"]).name, i["file"]) for i in result["images"]) == [
+        ("n1", "s/IM0001.dcm"), ("n2", "s/IM0001.dcm")]
+    assert result["probability"] == pytest.approx(max(p1, p2), abs=1e-6) and result["n_scored"] == 2
+
+    (tmp_path / "n1" / "s" / "IM0001.dcm").rename(tmp_path / "n1" / "s" / "IM0001-renamed.dcm")
+    night(tmp_path / "n1", "r3.csv")
+    folder, result = listed()
+    assert sorted((Path(i["screened"]).name, i["file"]) for i in result["images"]) == [
+        ("n1", "s/IM0001-renamed.dcm"), ("n2", "s/IM0001.dcm")] and result["n_scored"] == 2
+
+    for image in result["images"]:
+        if Path(image["screened"]).name == "n2":
+            image["probability"] = 10 ** 400  # a hand edit
+    (folder / "result.json").write_text(json.dumps(result))
+    night(tmp_path / "n1", "r4.csv")
+    folder, result = listed()
+    assert [i["file"] for i in result["images"]] == ["s/IM0001-renamed.dcm"]
+    assert result["probability"] == pytest.approx(p1, abs=1e-6)

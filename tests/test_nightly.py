@@ -597,12 +597,14 @@ def test_an_instance_re_sent_under_a_corrected_study_is_scored_for_that_study(tm
 
 def test_a_note_is_not_repeated_when_a_stored_copy_is_scored_again(tmp_path):
     """A two-frame lossy instance scored, set aside for a lossless copy, then scored again when that
-    copy goes: its note says "first of 2 frames" once."""
+    copy goes: its note says "first of 2 frames" once, after what pydicom repaired in its header."""
     studies, state = tmp_path / "studies", tmp_path / "state.db"
     (studies / "study").mkdir(parents=True)
     frames = np.stack([chest_pixels(128), chest_pixels(128)])
     uids = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "sop_uid": "1.2.826.0.1.3680043.8.498.2"}
-    save(make_dataset(frames, LossyImageCompression="01", **uids), studies / "study" / "lossy.dcm")
+    lossy = make_dataset(frames, LossyImageCompression="01", SpecificCharacterSet="ISO_IR 192", **uids)
+    lossy.PatientID = b"M\xfcller"  # Latin-1 bytes in a UTF-8 header
+    save(lossy, studies / "study" / "lossy.dcm")
     run(studies, "--out", tmp_path / "r1.json", "--state", state)
     save(make_dataset(frames, **uids), studies / "study" / "lossless.dcm", generate_instance_uid=False)
     run(studies, "--out", tmp_path / "r2.json", "--state", state)
@@ -610,7 +612,8 @@ def test_a_note_is_not_repeated_when_a_stored_copy_is_scored_again(tmp_path):
     run(studies, "--out", tmp_path / "r3.json", "--state", state)
     (study,) = json.loads((tmp_path / "r3.json").read_text())["studies"]
     assert [(i["file"], i["status"], i["note"]) for i in study["images"]] == [
-        ("study/lossy.dcm", "scored", "first of 2 frames")]
+        ("study/lossy.dcm", "scored", "header: Failed to decode byte string with encoding 'UTF8' - using "
+                                      "replacement characters in decoded string; first of 2 frames")]
 
 def test_a_damaged_copy_of_an_instance_never_hides_an_intact_one(tmp_path):
     studies = tmp_path / "studies"

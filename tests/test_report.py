@@ -101,6 +101,24 @@ def test_a_report_name_near_the_file_system_limit_is_written(stem, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_a_temp_name_is_cut_between_characters(tmp_path, monkeypatch):
+    """Cut inside a character, it would not be UTF-8, which a share may refuse."""
+    import tempfile
+
+    prefixes, mkstemp = [], tempfile.mkstemp
+
+    def recorded(*args, **kwargs):
+        prefixes.append(kwargs["prefix"])
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr("pneumonia_batch.atomic.tempfile.mkstemp", recorded)
+    report.write_report(tmp_path / ("a" + "\N{LATIN SMALL LETTER E WITH ACUTE}" * 40 + ".csv"), "csv", [],
+                        report.RunSummary(run_id="r"))
+    (prefix,) = prefixes
+    assert prefix == "." + "a" + "\N{LATIN SMALL LETTER E WITH ACUTE}" * 31 + "."  # 63 bytes of name
+    assert prefix.encode("utf-8")  # no lone surrogate from a cut byte
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another owner")
 def test_a_replaced_report_keeps_its_owner_and_group(tmp_path):
     """A report an admin gave to the group that reads it stays theirs when the run (root) replaces it."""
