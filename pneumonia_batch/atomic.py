@@ -74,13 +74,15 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
 
 
 class CannotWrite(OSError):
-    """An OSError naming the file it was writing: a full disk says only "No space left on device"."""
+    """An OSError naming the file it was writing (``what`` it is, if given): a full disk says only
+    "No space left on device"."""
 
-    def __init__(self, path: Path, cause: OSError):
+    def __init__(self, path: Path, cause: OSError, what: str = ""):
         super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.what = what
 
     def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}"
+        return f"cannot write {self.what + ' ' if self.what else ''}{self.filename}: {self.strerror}"
 
 
 def _keep_owner(tmp: str, replaced: os.stat_result) -> None:

@@ -377,14 +377,16 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
     from .export import export_would_replace
 
     named = [(option, path) for option, path in paths.items() if path is not None]
+    export_dir = paths.get("--export-flagged")
     for n, (option, path) in enumerate(named):
         for earlier, earlier_path in named[:n]:
             if same_file(path, earlier_path):
                 raise click.UsageError(f"{earlier} and {option} name the same file, {path}")
-        if option in ("--out", "--state", "--log-file") and (kind := image_kind_of(path)):
+        if option not in ("--out", "--state", "--log-file"):  # the files this run writes or appends to
+            continue
+        if kind := image_kind_of(path):
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
-        if (option in ("--out", "--state", "--log-file") and paths.get("--export-flagged")
-                and export_would_replace(path, paths["--export-flagged"])):
+        if export_dir is not None and export_would_replace(path, export_dir):
             raise click.UsageError(f"{option} {path} is a file the review export writes; name one outside "
                                    "its study folders, not worklist.csv or index.html")
 

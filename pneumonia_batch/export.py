@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import csv
 import errno
+import filecmp
 import hashlib
 import html
 import io
@@ -233,10 +234,8 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         result = {key: record[key] for key in record if key != "images"}
         scores = [image["probability"] for image in kept if image.get("status") == "scored"
                   and image["probability"] is not None]
-        result.update(probability=max([record["probability"], *scores]),
-                      n_scored=record["n_scored"] + len(scores))
-        result.update(folder=folder.name, images=images, exported_by_run=record["run_id"],
-                      export_version=1)
+        result.update(probability=max([record["probability"], *scores]), n_scored=record["n_scored"] + len(scores),
+                      folder=folder.name, images=images, exported_by_run=record["run_id"], export_version=1)
         write_json_atomic(folder / RESULT_FILE, result, follow_link=False)
     rebuild_index(export_dir)
     return outcome
@@ -280,30 +279,11 @@ def _kept_from_earlier(earlier: list[dict], images: list[dict], folder: Path, sc
     ``screened`` was recorded counts as tonight's folder) nor copied the same bytes (a file
     renamed since, an instance re-sent under another name)."""
     listed = {(entry["screened"], entry["file"]) for entry in images}
-    copied = {}
-    for entry in images:
-        if entry["exported_as"] and (folder / entry["exported_as"]).is_file():
-            copied.setdefault((folder / entry["exported_as"]).stat().st_size, []).append(folder / entry["exported_as"])
-    kept = []
-    for image in earlier:
-        if not _still_exported(image, folder) or (image.get("screened") or screened, image["file"]) in listed:
-            continue
-        copy = folder / image["exported_as"]
-        same_size = copied.get(copy.stat().st_size, [])
-        if same_size and any(_same_bytes(copy, other) for other in same_size):
-            continue
-        kept.append(image)
-    return kept
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    with open(a, "rb") as first, open(b, "rb") as second:
-        while True:
-            chunk = first.read(1 << 20)
-            if chunk != second.read(1 << 20):
-                return False
-            if not chunk:
-                return True
+    copies = [folder / entry["exported_as"] for entry in images if entry["exported_as"]]
+    return [image for image in earlier
+            if _still_exported(image, folder) and (image.get("screened") or screened, image["file"]) not in listed
+            # sizes first, then bytes
+            and not any(filecmp.cmp(folder / image["exported_as"], copy, shallow=False) for copy in copies)]
 
 
 def _still_exported(image: dict, folder: Path) -> bool:

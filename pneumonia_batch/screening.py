@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import discover
+from .atomic import CannotWrite
 from .model import ModelError, ModelInfo
 from .pipeline import score
 from .report import RunSummary, study_record, write_report
@@ -60,7 +61,7 @@ class AuditLog:
                 handle, self.handle = self.handle, None
                 with suppress(OSError):  # the line is still buffered: closing fails the same way
                     handle.close()
-                raise OSError(f"cannot write the audit log {self.path}: {exc.strerror or exc}") from exc
+                raise CannotWrite(self.path, exc, "the audit log") from exc
 
     def close(self) -> None:
         if self.handle:
@@ -296,4 +297,5 @@ def _defer_arriving(studies: list[discover.Study], min_age: float) -> None:
         blocker = (recent or nearby)[0]
         for item in study.files:
             if item.status in ("pending", "scored") or (item.rel in unplaced and not is_gone(item)):
-                item.finish("deferred", why(item) if is_recent(item) else f"waiting for {blocker.rel}, {why(blocker)}")
+                waiting = "" if is_recent(item) else f"waiting for {blocker.rel}, "
+                item.finish("deferred", waiting + why(item if is_recent(item) else blocker))

@@ -67,7 +67,7 @@ class StateLock:
         except OSError as exc:  # a full disk: name the lock, not just the errno
             with suppress(OSError):  # the line is still buffered: closing fails the same way
                 handle.close()
-            raise CannotWrite(self.path, exc) from exc
+            raise CannotWrite(self.path, exc, "the state's lock") from exc
         self.handle = handle
         return self
 

@@ -340,6 +340,7 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
                                 f"{run.progress} records, is missing")
 
+    progress.setdefault("average_last", average_last)  # a run folder from before it was recorded takes this run's
     _check_resume_options(progress, average_last, from_model, run.progress)  # before the data are decoded
     train_dir = resolve_split(data_dir, "train")
     items, unused = list_training(train_dir)
@@ -540,7 +541,7 @@ def _check_resume_options(progress: dict, average_last: int, from_model: Path | 
     model other than the run's would be recorded as the start of weights that never came from it.
     Leaving --from-model out is fine (the weights come from the checkpoint), and so are a longer
     final phase and another --patience."""
-    recorded = progress.setdefault("average_last", average_last)  # older run folders take this run's
+    recorded = progress["average_last"]
     differing = [f"--average-last {recorded} (this run: {average_last})"] if recorded != average_last else []
     started = progress.get("started_from")
     if progress["completed_epochs"] and from_model is not None and (

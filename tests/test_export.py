@@ -1,6 +1,5 @@
 """The review export a radiologist works from: what it lists, where, and under which names."""
 
-import csv
 import json
 import os
 import shutil
@@ -20,12 +19,16 @@ from tests.test_nightly import OLD
 
 
 def worklist(export: Path) -> list[dict]:
-    with open(export / "worklist.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+    return rows(export / "worklist.csv")
 
 
 def study_folders(export: Path) -> list[Path]:
     return sorted(p for p in export.iterdir() if p.is_dir())
+
+
+def pneumonia_pixels() -> np.ndarray:
+    """The pneumonia example as 8-bit DICOM pixels: a study the shipped model scores high."""
+    return np.asarray(Image.open(PNEUMONIA_JPEG).convert("L").resize((320, 320)))
 
 
 def test_a_study_exported_again_keeps_the_images_exported_on_earlier_nights(tmp_path):
@@ -36,7 +39,7 @@ def test_a_study_exported_again_keeps_the_images_exported_on_earlier_nights(tmp_
     studies.mkdir()
     moved.mkdir()
     uid = "1.2.826.0.1.3680043.8.498.7"
-    pneumonia = np.asarray(Image.open(PNEUMONIA_JPEG).convert("L").resize((320, 320)))
+    pneumonia = pneumonia_pixels()
     save(make_dataset(pneumonia, study_uid=uid, bits_stored=8), studies / "B.dcm")
     export = tmp_path / "review"
     args = ["--threshold", "0", "--export-flagged", export, "--state", tmp_path / "state.db"]
@@ -87,6 +90,9 @@ def test_png_studies_of_different_screened_folders_are_exported_apart(tmp_path):
     os.symlink(night1, tmp_path / "tonight")
     assert study_folder_name(record, tmp_path / "tonight") == study_folder_name(record, night1)
     assert study_folder_name(record, Path(os.path.relpath(night1))) == study_folder_name(record, night1)
+    # a DICOM study's folder is named by its UID alone, as every earlier export named it
+    dicom = {"study_key": "dicom:1.2.826.0.1.3680043.8.498.7", "patient_id": "P001", "study_date": "20260101"}
+    assert study_folder_name(dicom, night1) == study_folder_name(dicom, night2) == "P001_20260101_117654acd9"
 
 
 @pytest.mark.parametrize("name, exported", [
@@ -163,7 +169,7 @@ def test_earlier_entries_are_told_apart_by_screened_folder_and_by_content(tmp_pa
     stays listed.  A file renamed since is listed once, not under both names.  A hand-edited
     probability out of range is dropped, never a crash that loses the report."""
     uid, export = "1.2.826.0.1.3680043.8.498.8", tmp_path / "review"
-    pneumonia = np.asarray(Image.open(PNEUMONIA_JPEG).convert("L").resize((320, 320)))
+    pneumonia = pneumonia_pixels()
     nights = {"n1": make_dataset(chest_pixels(), study_uid=uid, WindowCenter=2048, WindowWidth=4096),
               "n2": make_dataset(pneumonia, study_uid=uid, bits_stored=8)}
     for name, ds in nights.items():

@@ -123,3 +123,15 @@ def test_the_overlay_is_the_xray_with_the_heat_over_the_same_quadrant(model):
     means = {name: float(q.mean()) for name, q in quadrants.items()}
     assert max(means, key=means.get) == "top-right"
     assert means["top-right"] > 10 * max(v for k, v in means.items() if k != "top-right")
+
+
+def test_only_the_head_is_taped_where_it_can_be_cut_from_the_backbone(model, request, monkeypatch):
+    """Taping the backbone too doubles a map's time: only a head that also reads earlier layers
+    puts the whole network on the tape (and then watches nothing by hand)."""
+    import tensorflow as tf
+
+    watched = []
+    watch = tf.GradientTape.watch
+    monkeypatch.setattr(tf.GradientTape, "watch", lambda tape, tensor: watched.append(tensor) or watch(tape, tensor))
+    heatmaps(model, to_model_input(xray(300, 200, 4))[None], INPUT_SCALE)
+    assert len(watched) == (0 if request.node.callspec.params["model"] == "head-reads-earlier" else 1)

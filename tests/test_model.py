@@ -1075,3 +1075,14 @@ def test_a_training_file_gone_after_an_early_stop_names_the_epoch_it_stopped_in(
               run_dir=run_dir, resume=True, patience=1, log=removing_the_images_as_epoch_4_starts)
     assert json.loads((run_dir / "progress.json").read_text()) == progress
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_native_lines_held_back_reach_stderr_all_but_the_notices_even_on_an_abort():
+    """TensorFlow's CPU check prints its reason, then aborts, inside the import that holds back its notices."""
+    probe = ("import os; from pneumonia_batch.model import stderr_without\n"
+             "with stderr_without('oneDNN custom operations are on.'):\n"
+             "    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see...\\n')\n"
+             "    os.write(2, b'This TensorFlow binary was compiled to use AVX instructions\\n')\n"
+             "    os.abort()\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == -6 and result.stderr == "This TensorFlow binary was compiled to use AVX instructions\n"

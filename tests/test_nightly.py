@@ -168,7 +168,7 @@ def test_a_lock_on_a_full_disk_is_named(tmp_path):
     result = run(studies, "--out", tmp_path / "r.csv", "--state", state)
     assert result.returncode == 4
     # the device refuses the lock's truncation (EINVAL) before the write a full disk refuses
-    assert re.fullmatch(f"error: cannot write {re.escape(str(tmp_path / 'state.db.lock'))}: "
+    assert re.fullmatch(f"error: cannot write the state's lock {re.escape(str(tmp_path / 'state.db.lock'))}: "
                         "(Invalid argument|No space left on device)\n", result.stderr), result.stderr
     assert not (tmp_path / "r.csv").exists()
 
@@ -343,25 +343,26 @@ def test_a_reported_study_deferred_by_a_new_file_is_reported_once_it_settles(tmp
 
 def test_a_file_dated_ahead_of_the_clock_holds_up_no_study(tmp_path):
     """A modality's clock a day fast, its date kept by the copy: screened tonight, not tomorrow.  A
-    file dated a few seconds ahead (a file server's clock) still counts as arriving."""
+    file dated half an hour ahead (a file server's clock, within the hour allowed for) still counts
+    as arriving, though --min-age is only a minute."""
     studies = make_studies(tmp_path / "studies", 2)
-    tomorrow, in_a_moment = time.time() + 86400, time.time() + 5
+    tomorrow, in_half_an_hour = time.time() + 86400, time.time() + 1800
     os.utime(studies / "child000" / "cxr.jpeg", (tomorrow, tomorrow))
-    os.utime(studies / "child001" / "cxr.jpeg", (in_a_moment, in_a_moment))
+    os.utime(studies / "child001" / "cxr.jpeg", (in_half_an_hour, in_half_an_hour))
     run(studies, "--out", tmp_path / "r.csv", "--min-age", "60")
     assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r.csv")} == {"child000": "scored",
                                                                              "child001": "deferred"}
 
 
 def test_a_file_renamed_away_while_the_folder_is_read_defers_its_folder(tmp_path, monkeypatch):
-    """A receiver renames its temporary file between the listing and the reading: the study beside
-    it may be missing that image under its new name, so it waits (not scored, flagged or exported,
-    and no error), and the next night reports it whole."""
+    """A receiver renames its temporary file between the listing and the reading: the study it was
+    listed in may be missing that image under its new name, so it waits (not scored or flagged, and
+    no error), and the next night reports it whole."""
     from click.testing import CliRunner
 
     from pneumonia_batch import cli, discover
 
-    studies, state, review = make_studies(tmp_path / "studies", 2), tmp_path / "state.db", tmp_path / "review"
+    studies, state = make_studies(tmp_path / "studies", 2), tmp_path / "state.db"
     part = studies / "child001" / ".cxr2.jpeg.part"
     shutil.copy(PNEUMONIA_JPEG, part)
     os.utime(part, (OLD, OLD))
@@ -373,7 +374,7 @@ def test_a_file_renamed_away_while_the_folder_is_read_defers_its_folder(tmp_path
         return found
 
     monkeypatch.setattr(discover, "walk", renamed_after_listing)
-    args = ["--state", state, "--threshold", "0", "--export-flagged", review]
+    args = ["--state", state, "--threshold", "0"]
     result = CliRunner().invoke(cli.screen, [str(a) for a in [studies, "--out", tmp_path / "r1.csv", *args,
                                                                 "--no-progress"]])
     assert result.exit_code == 0, result.output
@@ -382,13 +383,32 @@ def test_a_file_renamed_away_while_the_folder_is_read_defers_its_folder(tmp_path
     assert (first["child001"]["status"], first["child001"]["flagged"]) == ("deferred", "false")
     assert first["child001"]["reason"] == (f"deferred: {discover.GONE} (1); deferred: waiting for "
                                            f"child001/.cxr2.jpeg.part, {discover.GONE} (1)")
-    assert [r["study_id"] for r in rows(review / "worklist.csv")] == ["child000"]
     monkeypatch.undo()
     second = run(studies, "--out", tmp_path / "r2.csv", *args)
     assert second.returncode == 0, second.stderr
     (child001,) = rows(tmp_path / "r2.csv")
     assert (child001["study_id"], child001["status"], child001["n_scored"]) == ("child001", "scored", "2")
-    assert sorted(r["study_id"] for r in rows(review / "worklist.csv")) == ["child000", "child001"]
+
+
+def test_a_dicom_study_beside_a_file_renamed_away_waits_for_it(tmp_path):
+    """The renamed file may be an instance of the DICOM study in its folder, which cannot be told
+    from a name: that study waits, without --min-age too."""
+    from pneumonia_batch import discover
+    from pneumonia_batch.screening import _defer_arriving
+
+    folder = tmp_path
+    save(make_dataset(chest_pixels(64)), folder / "a.dcm")
+    save(make_dataset(chest_pixels(64)), folder / "b.dcm.part")
+    files = discover.walk(folder)
+    (folder / "b.dcm.part").rename(folder / "b.dcm")
+    for item in files:
+        discover.identify(item)
+    studies = discover.group_studies(files)
+    _defer_arriving(studies, 0)
+    statuses = {f.rel: (f.status, f.reason) for s in studies for f in s.files}
+    assert statuses == {"a.dcm": ("deferred", f"waiting for b.dcm.part, {discover.GONE}"),
+                        "b.dcm.part": ("deferred", discover.GONE)}
+
 
 def test_audit_log_has_run_and_file_events(tmp_path):
     studies = make_studies(tmp_path / "studies", 2)
