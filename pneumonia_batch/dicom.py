@@ -149,6 +149,8 @@ def skip_reason(header: DicomHeader) -> str | None:
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """VOI window to [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
+    if width <= 0 and function in ("SIGMOID", "LINEAR_EXACT"):  # the standard requires width > 0
+        raise ValueError(f"window width {width} <= 0 is invalid for {function}")
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
@@ -202,7 +204,9 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
         if bits == 8:  # pydicom 3.0 looks an 8-bit LUT up with uint8 indices, wrapping any over 255
             item.LUTDescriptor = [entries, first, 16]  # (this copy only); its entries read the same
         # A LUT is indexed by integers: round the modality output rather than let floats truncate.
-        indices = np.rint(values).astype(np.int64)
+        # Values past either end take that end's entry; clipping here, not in pydicom, because
+        # pydicom's uint16 indices wrap values more than 65535 above the first one mapped.
+        indices = np.clip(np.rint(values), first, first + (entries or 1 << 16) - 1).astype(np.int64)
         voi = pydicom.pixels.apply_voi(indices, ds, index=0).astype(np.float32, copy=False)
         grey = voi / float(2 ** bits - 1)
     elif window:
@@ -242,11 +246,18 @@ def _reduced_frame(ds, min_side: int) -> np.ndarray | None:
     decoder reads without decoding the finest bands: about four times faster
     than a full decode.  One level only: some encoders' streams lack deeper
     levels, and Pillow rounds deeper reduced sizes differently from the codec.
-    Other syntaxes, and anything unusual (colour, signed, multi-frame), return
-    None and are decoded in full.
+    Other syntaxes, and anything unusual (colour, palette, signed, multi-frame),
+    return None and are decoded in full.  So does an image without a window or
+    VOI LUT: it is scaled by its own min..max, and the low-pass band has
+    different extremes (a single hot pixel averaged away, overshoot at the
+    collimator edge), so its contrast would differ from the full decode's.
     """
     syntax = str(ds.file_meta.TransferSyntaxUID)
     if syntax not in JPEG2000_SYNTAXES or min(int(ds.Rows), int(ds.Columns)) // 2 < min_side:
+        return None
+    if str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    if not (ds.get("VOILUTSequence") or _first_window(ds)):
         return None
     if (int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0
             or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.BitsStored) > 16):

@@ -316,6 +316,58 @@ def test_half_resolution_jpeg2000_scales_by_the_codestreams_bit_depth(tmp_path):
     assert full.mean() > 0.5 and abs(half.mean() - full.mean()) < 0.005
 
 
+def test_an_unwindowed_lossless_jpeg2000_copy_gives_the_model_the_same_input_as_the_uncompressed(tmp_path):
+    """Scaled by its own range, an image must not take the half-resolution path, whose low-pass band
+    averages a single hot detector pixel away and so stretches the contrast differently."""
+    pixels = chest_pixels(1400) // 2
+    pixels[700, 700] = 4095
+    inputs = [model_input_from_file(str(save(make_dataset(pixels.copy()), tmp_path / f"{i}.dcm", syntax)), "dicom")[0]
+              for i, syntax in enumerate((None, JPEG2000Lossless))]
+    np.testing.assert_array_equal(inputs[1], inputs[0])
+    assert inputs[0].mean() < 100  # the hot pixel keeps the rest of the image in the lower half
+
+
+def test_a_palette_jpeg2000_image_is_not_read_at_half_resolution(tmp_path):
+    """The low-pass band averages palette indices, which are not brightnesses: here 0 and 200 sit
+    on either side of an edge and the entries between them are black."""
+    indices = np.zeros((1400, 1400), np.uint8)
+    indices[:, 700:] = 200
+    entries = np.zeros(256, np.uint16)
+    entries[200] = 65535
+
+    def palette_file(name, syntax=None):
+        ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8,
+                          sop_class=dicom.SECONDARY_CAPTURE, modality="CR")
+        for colour in ("Red", "Green", "Blue"):
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+            setattr(ds, f"{colour}PaletteColorLookupTableData", entries.astype("<u2").tobytes())
+        return save(ds, tmp_path / name, syntax)
+
+    uncompressed = model_input_from_file(str(palette_file("u.dcm")), "dicom")[0]
+    j2k = model_input_from_file(str(palette_file("j.dcm", JPEG2000Lossless)), "dicom")[0]
+    np.testing.assert_array_equal(j2k, uncompressed)
+
+
+def test_values_above_a_voi_lut_take_its_last_entry_however_far_above(tmp_path):
+    """Values more than 65535 above the LUT's first mapped value must not wrap round to dark."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = np.linspace(0, 65535, 4096).astype("<u2").tobytes()
+    stored = np.array([[0, 3000, 65535]], np.uint16)
+    ds = make_dataset(stored, bits_stored=16, RescaleSlope=1, RescaleIntercept=1000, VOILUTSequence=[item])
+    grey = grey_of(save(ds, tmp_path / "above.dcm"))
+    np.testing.assert_allclose(grey[0], [item_value / 65535 for item_value in
+                                         np.linspace(0, 65535, 4096).astype(np.uint16)[[1000, 4000, 4095]]],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_a_zero_window_width_is_refused_rather_than_scored(tmp_path, pixels, function):
+    ds = make_dataset(pixels, WindowCenter=2048, WindowWidth=0, VOILUTFunction=function)
+    with pytest.raises(ValueError, match="window width 0.0 <= 0"):
+        grey_of(save(ds, tmp_path / "w0.dcm"))
+
+
 def test_a_jpeg2000_stream_the_half_resolution_reader_refuses_is_decoded_in_full(tmp_path):
     """With its end-of-codestream marker overwritten, Pillow refuses the shipped JPEG 2000 radiograph,
     which the DICOM codec still reads whole: the faster path must not make a readable image an error row."""
