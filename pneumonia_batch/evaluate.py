@@ -129,7 +129,7 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
     not decode with the error screening would report for them.
     """
     from .inference import KerasRunner
-    from .pipeline import decode_for_model
+    from .pipeline import NO_PROBABILITY, decode_for_model
 
     runner = KerasRunner(model_path, input_scale)
     kept, failed, out = [], [], []
@@ -147,7 +147,11 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
     if not kept:
         raise ValueError(f"none of the {len(items)} images could be decoded: "
                          f"{count_reasons(u.reason for u in failed)}")
-    return kept, np.concatenate(out), failed
+    probabilities = np.concatenate(out)
+    if not np.isfinite(probabilities).all():  # no metric or threshold means anything then
+        raise ValueError(f"{NO_PROBABILITY} ({np.count_nonzero(~np.isfinite(probabilities))} "
+                         f"of {len(kept)} images)")
+    return kept, probabilities, failed
 
 
 def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, target_sensitivity: float = 0.97,

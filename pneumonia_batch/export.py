@@ -15,7 +15,6 @@ replaced rather than written through.
 from __future__ import annotations
 
 import base64
-import csv
 import errno
 import filecmp
 import hashlib
@@ -32,7 +31,7 @@ from pathlib import Path
 from .atomic import same_file, write_atomic, write_json_atomic
 from .discover import Study, readable
 from .model import ModelError, ModelInfo
-from .report import safe_cell
+from .report import csv_text
 
 RESULT_FILE = "result.json"
 PAGE_FILES = ("worklist.csv", "index.html")  # at the top of the export, rebuilt every run
@@ -327,13 +326,8 @@ def _load_results(export_dir: Path) -> list[dict]:
 
 def rebuild_index(export_dir: Path) -> None:
     results = _load_results(export_dir)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=WORKLIST_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        writer.writerow({k: safe_cell(result.get(k)) for k in WORKLIST_COLUMNS})
     worklist, page = (export_dir / name for name in PAGE_FILES)
-    write_atomic(worklist, buffer.getvalue(), follow_link=False)
+    write_atomic(worklist, csv_text(WORKLIST_COLUMNS, results), follow_link=False)
     write_atomic(page, render_html(export_dir, results), follow_link=False)
 
 

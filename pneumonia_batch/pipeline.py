@@ -7,6 +7,7 @@ few batches are in flight, so memory stays flat whatever the corpus size.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
@@ -100,6 +101,7 @@ def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]
 # takes 0.25 s (0.85 s at full resolution); a codec caught in a loop on a damaged file would
 # otherwise hold up the night, and every night after it behind the state lock.
 DECODE_TIMEOUT = 120
+NO_PROBABILITY = "the model gave no probability (NaN or infinite): the model file is damaged"
 
 
 def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_model,
@@ -213,8 +215,11 @@ def score(files: list[InputFile], make_runner: Callable, batch_size: int, worker
 
     for items, probabilities in runner.run(batches(reported(decoded(pending, workers)), batch_size)):
         for item, probability in zip(items, probabilities):
-            item.probability = float(probability)
-            item.finish("scored")
+            if math.isfinite(probability):
+                item.probability = float(probability)
+                item.finish("scored")
+            else:  # a damaged model: NaN would be never flagged, and is not valid JSON
+                item.finish("error", NO_PROBABILITY)
             if on_file:
                 on_file(item)
         if on_batch:

@@ -14,8 +14,9 @@ from .discover import InputFile, Study
 COLUMNS = ["study_id", "patient_id", "accession_number", "study_date", "files", "n_images",
            "n_scored", "probability", "threshold", "flagged", "status", "reason",
            "model_sha256", "run_id"]
-# A cell starting with one of these is a formula to Excel, LibreOffice and Sheets.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with one of these is a formula to Excel, LibreOffice and Sheets; one starting
+# with the quote that neutralises them gets another, so removing one quote always gives the text back.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 @dataclass
@@ -115,16 +116,22 @@ def _csv_file_name(name: str) -> str:
     return name.replace("%", "%25").replace(";", "%3B")
 
 
-def render_csv(records: list[dict]) -> str:
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    """CSV with spreadsheet-safe cells.  CRLF line ends, as RFC 4180 has them: the writer then
+    quotes any cell holding a CR (a file name may), which every reader would take for a line end."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
-    for record in records:
-        row = dict(record, files=";".join(map(_csv_file_name, record["files"])),
-                   flagged="true" if record["flagged"] else "false",
-                   probability="" if record["probability"] is None else repr(record["probability"]))
-        writer.writerow({k: safe_cell(v) for k, v in row.items()})
+    for row in rows:
+        writer.writerow({k: safe_cell(row.get(k)) for k in columns})
     return buffer.getvalue()
+
+
+def render_csv(records: list[dict]) -> str:
+    return csv_text(COLUMNS, [dict(record, files=";".join(map(_csv_file_name, record["files"])),
+                                   flagged="true" if record["flagged"] else "false",
+                                   probability="" if record["probability"] is None else repr(record["probability"]))
+                              for record in records])
 
 
 def render_json(records: list[dict], summary: RunSummary) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from pneumonia_batch.pipeline import NO_PROBABILITY
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save, save_without_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +127,32 @@ def test_csv_neutralises_formulas_from_headers(messy, tmp_path):
     run(messy, "--out", out)
     patient_ids = {r["patient_id"] for r in rows(out)}
     assert "'=cmd|'/c calc'!A1" in patient_ids
+
+
+def test_a_model_giving_nan_makes_error_rows_not_unflagged_scores(tmp_path):
+    """NaN compares below every threshold: scored, it would pass a sick study as healthy, silently."""
+    import keras
+
+    model = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2, activation="softmax")])
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([np.full_like(kernel, np.nan), bias])
+    model.save(tmp_path / "damaged.keras")
+    out = tmp_path / "r.json"
+    result = run(EXAMPLES / "paediatric-pneumonia", "--out", out, "--model", tmp_path / "damaged.keras",
+                 "--input-scale", "raw", "--threshold", "0.5", "--runtime", "keras")
+    assert result.returncode == 1, result.stderr
+    doc = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON report"))
+    images = [i for s in doc["studies"] for i in s["images"]]
+    assert len(images) == 2
+    assert {(i["status"], i["probability"], i["reason"]) for i in images} == {("error", None, NO_PROBABILITY)}
+    assert doc["run"]["counts"]["file_errors"] == 2 and doc["run"]["counts"]["flagged"] == 0
+    # evaluate and calibrate refuse such a model: no metric or threshold would mean anything
+    from pneumonia_batch.dataset import LabelledImage
+    from pneumonia_batch.evaluate import predict_items
+
+    with pytest.raises(ValueError, match=r"NaN or infinite.*\(1 of 1 images\)"):
+        predict_items(tmp_path / "damaged.keras", [LabelledImage(PNEUMONIA_JPEG, 1, "jpeg")], "raw")
 
 
 def test_fatal_and_usage_exit_codes(tmp_path):

@@ -61,6 +61,23 @@ def test_file_names_holding_the_separator_split_back_exactly():
     assert [unquote(name) for name in row["files"].split(";")] == names
 
 
+def test_a_name_with_a_line_break_or_a_leading_quote_stays_in_its_cell_and_comes_back():
+    """A CR inside a name must not split the row (every reader takes a lone CR for a line end),
+    and removing one leading quote must give back a name that itself starts with one."""
+    names = ["scan\r=2+3.jpeg", "two\nlines.jpeg", "'quoted.jpeg", "=sum.jpeg"]
+    records = []
+    for name in names:
+        s = Study(name, name)
+        s.files.append(InputFile(rel=name, path=None, kind="jpeg", status="scored", probability=0.3))
+        records.append(report.study_record(s, 0.5, "abc", "run1"))
+    text = report.render_csv(records)
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert [len(row) for row in rows] == [len(report.COLUMNS)] * 5
+    assert [row[0] for row in rows[1:]] == ["scan\r=2+3.jpeg", "two\nlines.jpeg", "''quoted.jpeg", "'=sum.jpeg"]
+    unquoted = [cell[1:] if cell.startswith("'") else cell for cell in (row[4] for row in rows[1:])]
+    assert unquoted == names
+
+
 def test_threshold_is_inclusive():
     assert report.is_flagged(study("s", "", [0.5]), 0.5)
     assert not report.is_flagged(study("s", "", [0.4999]), 0.5)
