@@ -170,7 +170,8 @@ def decode_costs(corpus: Path) -> dict[str, float]:
 
 
 def _j2k_twin(grey, path: Path) -> None:
-    """A 12-bit JPEG 2000 lossless CR twin of an 8-bit grey image (0..255 -> 0..4095, no window)."""
+    """A 12-bit JPEG 2000 lossless CR twin of an 8-bit grey image (0..255 -> 0..4095), with a window
+    over the whole range as CR systems send one: an image without a window is decoded in full."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
@@ -186,6 +187,7 @@ def _j2k_twin(grey, path: Path) -> None:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = grey.height, grey.width
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.PixelData = np.round(np.asarray(grey, np.float64) * (4095 / 255)).astype(np.uint16).tobytes()
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     ds.save_as(path, enforce_file_format=True)

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .preprocess import own_range
+from .preprocess import luminance, own_range
 
 # Image SOP classes a chest radiograph arrives as (PS3.4 B.5).
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -189,9 +189,9 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
         entries, first, _ = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
         palette = pydicom.pixels.apply_color_lut(np.arange(first, first + (entries or 1 << 16)), ds)
         rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float32)
-        return _luminance(rgb) / float(palette.max() or 1)
+        return luminance(rgb) / float(palette.max() or 1)
     if frame.ndim == 3:  # RGB / YBR: pydicom has already converted YBR to RGB
-        return _luminance(frame.astype(np.float32)) / float(2 ** int(ds.BitsStored) - 1)
+        return luminance(frame.astype(np.float32)) / float(2 ** int(ds.BitsStored) - 1)
 
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # sent empty: no rescale (this copy only)
         if keyword in ds and ds[keyword].value in (None, ""):
@@ -218,10 +218,6 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     if photometric == "MONOCHROME1" or inverse:
         grey = 1.0 - grey
     return np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
 def check_pixel_data_length(ds) -> None:

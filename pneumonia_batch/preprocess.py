@@ -49,6 +49,11 @@ def own_range(values: np.ndarray, counted: np.ndarray | None = None) -> np.ndarr
     return ((values - low) / (high - low) if high > low else np.zeros_like(values)).astype(np.float32)
 
 
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Grey from RGB as ITU-R BT.601 weighs it, the weights Pillow's convert("L") uses."""
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
 def grey_to_image(grey: np.ndarray) -> Image.Image:
     """Presentation grey in [0, 1] -> 8-bit image, as an 8-bit export would store it."""
     return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")

@@ -284,6 +284,44 @@ def test_16_bit_png_is_scaled_from_its_range_not_clipped(tmp_path):
     assert (grey == 255).mean() < 0.01
 
 
+def write_png16(path, samples, colour_type):
+    """A 16-bit PNG of any colour type (Pillow writes only grey ones), rows filtered None, Sub or Up
+    in turn: Sub reaches back one whole pixel, so a decoder that takes a pixel's width wrong shows it."""
+    import struct
+    import zlib
+
+    rows = samples.reshape(samples.shape[0], -1).astype(">u2").view(np.uint8).astype(np.int64)
+    pixel_bytes = rows.shape[1] // samples.shape[1]
+    lines = []
+    for y, row in enumerate(rows):
+        kind = y % 3
+        left = np.concatenate([np.zeros(pixel_bytes, np.int64), row[:-pixel_bytes]])
+        filtered = (row, row - left, row - (rows[y - 1] if y else 0))[kind] % 256
+        lines.append(bytes([kind]) + filtered.astype(np.uint8).tobytes())
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", samples.shape[1], samples.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(lines)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("colour_type", [4, 2, 6], ids=["grey+alpha", "RGB", "RGBA"])
+def test_a_16_bit_colour_png_reads_as_its_16_bit_grey_twin(tmp_path, colour_type):
+    """Pillow keeps only the high byte of these samples: 12-bit values would be scored near black."""
+    from pneumonia_batch.images import read_grey
+
+    stored = chest_pixels(128, bits=12)
+    opaque = np.full_like(stored, 65535)
+    planes = {4: [stored, opaque], 2: [stored] * 3, 6: [stored] * 3 + [opaque]}[colour_type]
+    colour = read_grey(write_png16(tmp_path / "colour.png", np.dstack(planes), colour_type))
+    grey = read_grey(write_png16(tmp_path / "grey.png", stored[:, :, None], 0))
+    assert colour.mode == "L" and np.asarray(grey).mean() > 100
+    np.testing.assert_allclose(np.asarray(colour, float), np.asarray(grey, float), atol=1)
+
+
 def test_a_jpeg_stored_sideways_with_an_orientation_tag_is_read_upright(tmp_path):
     from PIL import Image
 
