@@ -9,6 +9,7 @@ never from the dtype's maximum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,8 @@ def _first_window(ds) -> tuple[float, float] | None:
         if value is None or str(value).strip() == "":
             return None
         pair.append(float(value))
+    if not all(map(math.isfinite, pair)):  # would give a blank image, scored as if it were one
+        raise ValueError(f"window centre/width {pair[0]}/{pair[1]} is not a finite number")
     return pair[0], pair[1]
 
 
@@ -196,8 +199,9 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # sent empty: no rescale (this copy only)
         if keyword in ds and ds[keyword].value in (None, ""):
             del ds[keyword]
+        elif keyword in ds and not math.isfinite(float(ds[keyword].value)):  # no image to score
+            raise ValueError(f"{keyword} {ds[keyword].value} is not a finite number")
     values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
-    window = _first_window(ds)
     if ds.get("VOILUTSequence"):  # present and not empty
         item = ds.VOILUTSequence[0]
         entries, first, bits = (int(v) for v in item.LUTDescriptor)
@@ -209,7 +213,7 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
         indices = np.clip(np.rint(values), first, first + (entries or 1 << 16) - 1).astype(np.int64)
         voi = pydicom.pixels.apply_voi(indices, ds, index=0).astype(np.float32, copy=False)
         grey = voi / float(2 ** bits - 1)
-    elif window:
+    elif window := _first_window(ds):
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
         grey = _window(values, *window, function)
     else:  # padding (the area outside the collimator, say) would stretch the range (C.7.5.1.1.2)

@@ -30,13 +30,6 @@ def readable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def readable_name(path: Path) -> str:
-    r"""A relative path as reports show it (``readable``), with each backslash of the name itself
-    doubled: a name really spelt ``M\xfcller`` shows as ``M\\xfcller``, apart from the Latin-1
-    ``M\xfcller`` escaped from ``Müller``, and the two are never grouped as one."""
-    return readable(path.as_posix().replace("\\", "\\\\"))
-
-
 @dataclass
 class InputFile:
     """One file found under the studies folder and what became of it."""
@@ -128,14 +121,14 @@ def walk(root: Path, confined: bool = True) -> list[InputFile]:
         base = Path(dirpath)
         for name in dirnames:
             if (base / name).is_symlink():  # os.walk lists but does not enter these
-                item = InputFile(rel=readable_name((base / name).relative_to(root)), path=base / name)
+                item = InputFile(rel=readable((base / name).relative_to(root).as_posix()), path=base / name)
                 item.finish("skipped", "symlinked_folder_not_followed")
                 found.append(item)
         for name in sorted(filenames):
             if name in IGNORED_NAMES:
                 continue
             path = base / name
-            item = InputFile(rel=readable_name(path.relative_to(root)), path=path)
+            item = InputFile(rel=readable(path.relative_to(root).as_posix()), path=path)
             found.append(item)
             if path.is_symlink():
                 try:
@@ -157,7 +150,7 @@ def walk(root: Path, confined: bool = True) -> list[InputFile]:
             item.size, item.mtime = stat.st_size, stat.st_mtime
     for error in unreadable:
         folder = Path(error.filename)
-        item = InputFile(rel=readable_name(folder.relative_to(root)), path=folder)
+        item = InputFile(rel=readable(folder.relative_to(root).as_posix()), path=folder)
         item.finish("error", f"folder not readable: {error.strerror}")
         found.append(item)
     return found

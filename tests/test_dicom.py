@@ -406,6 +406,20 @@ def test_a_zero_window_width_is_refused_rather_than_scored(tmp_path, pixels, fun
         grey_of(save(ds, tmp_path / "w0.dcm"))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # pydicom, writing the damaged fixture
+@pytest.mark.parametrize("elements, refusal", [
+    (dict(WindowCenter=2048, WindowWidth="NaN"), "window centre/width 2048.0/nan"),
+    (dict(WindowCenter="inf", WindowWidth=4096), "window centre/width inf/4096.0"),
+    (dict(RescaleSlope="NaN", RescaleIntercept=0), "RescaleSlope"),
+    (dict(RescaleSlope=1, RescaleIntercept="-inf", WindowCenter=2048, WindowWidth=4096), "RescaleIntercept"),
+])
+def test_a_header_value_that_is_not_a_finite_number_is_refused_rather_than_scored(tmp_path, pixels,
+                                                                                  elements, refusal):
+    """Such a value gives a blank image (NaN, or one grey), which would be scored as if it were one."""
+    with pytest.raises(ValueError, match=f"{refusal}.* is not a finite number"):
+        grey_of(save(make_dataset(pixels, **elements), tmp_path / "nan.dcm"))
+
+
 def test_a_jpeg2000_stream_the_half_resolution_reader_refuses_is_decoded_in_full(tmp_path):
     """With its end-of-codestream marker overwritten, Pillow refuses the shipped JPEG 2000 radiograph,
     which the DICOM codec still reads whole: the faster path must not make a readable image an error row."""

@@ -185,13 +185,3 @@ def test_a_dicom_file_gone_between_its_first_bytes_and_its_header_is_deferred(tm
     monkeypatch.setattr(discover.dicom, "read_header", renamed_first)
     discover.identify(item)
     assert (item.status, item.reason) == ("deferred", discover.GONE)
-
-
-def test_a_latin1_name_and_a_name_spelling_out_its_escape_stay_two_studies(tmp_path):
-    """Both would read ``M\\xfcller.jpeg``: one study row for two files, the score unattributable."""
-    latin1 = os.fsdecode(b"M\xfcller.jpeg")
-    spelt = "M\\xfcller.jpeg"
-    for name in (latin1, spelt):
-        (tmp_path / name).write_bytes(b"\xff\xd8\xff\xe0 not decoded here")
-    studies = discover.group_studies(list(found(tmp_path).values()))
-    assert sorted([f.rel for f in s.files] for s in studies) == [["M\\\\xfcller.jpeg"], ["M\\xfcller.jpeg"]]
