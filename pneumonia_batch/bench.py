@@ -132,14 +132,14 @@ def timed_process(args: list[str], name: str) -> tuple[float, float, float, subp
 def model_only(model_path: Path, n_images: int = 320) -> tuple[dict[str, float], dict[str, float]]:
     """Images per second of each runtime on already-decoded inputs, and CPU ms (all threads)
     per image."""
-    from .inference import KerasRunner, TFLiteRunner, converted_file
+    from .inference import KerasRunner, TFLiteRunner, converted_model
 
     info = read_model_info(model_path)
     batch = np.random.default_rng(0).integers(0, 256, (16, 224, 224, 3)).astype(np.uint8)
     runners = {"keras": lambda: KerasRunner(model_path, info.input_scale, 16),
                "keras-xla": lambda: KerasRunner(model_path, info.input_scale, 16, jit=True)}
-    if converted_file(info):
-        runners["tflite"] = lambda: TFLiteRunner(converted_file(info), info.input_scale)
+    if converted := converted_model(info):
+        runners["tflite"] = lambda: TFLiteRunner(converted, info.input_scale)
     speeds, cpu_ms = {}, {}
     for name, make in runners.items():
         runner = make()

@@ -228,7 +228,7 @@ def convert(model_path):
 
     try:
         click.echo(f"written {convert_to_tflite(model_path)}", err=True)
-    except ModelError as exc:
+    except (ModelError, OSError) as exc:  # OSError: the disk filled while writing
         raise click.ClickException(str(exc))
 
 

@@ -99,7 +99,7 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
 
 
 # Runtimes round a probability differently in its last digits: TFLite and Keras differed by up to
-# 8e-7 on the 525 validation images here, and other TensorFlow builds or float16 on a GPU differ
+# 8e-7 on the 525 validation images here, and other TensorFlow builds or a GPU differ
 # more.  A threshold set exactly on the pneumonia image it needs could leave that very image
 # unflagged at screening.
 RUNTIME_MARGIN = 1e-4

@@ -207,7 +207,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
                         from .model import load_keras_model
 
                         try:
-                            model = load_keras_model(info.path)
+                            model = load_keras_model(info.path, info.sha256)
                         except ModelError as exc:  # the run's summary is one line
                             raise ModelError(one_line(str(exc))) from exc
                     try:

@@ -5,7 +5,7 @@
   and it needs no TensorFlow import at screening time.  The converted file
   sits beside the model and is pinned by sha256 in the model's metadata.
 - ``keras``: the Keras model as an XLA-compiled function over fixed-size
-  batches; what runs on a GPU (with float16 compute there).
+  batches; what runs on a GPU.
 
 ``auto`` takes ``keras`` when a GPU is present, else ``tflite`` when the model
 has a converted file, else ``keras``.
@@ -13,6 +13,7 @@ has a converted file, else ``keras``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import INPUT_SIZE, PNEUMONIA_INDEX, ModelError, ModelInfo, import_quietly, sha256_of, stderr_without
+from .pipeline import usable_cores
 from .preprocess import scale_batch
 
 RUNTIMES = ("auto", "tflite", "keras")
@@ -31,8 +33,12 @@ def tflite_path(model_path: Path) -> Path:
 
 
 def gpu_present() -> bool:
-    """A cheap check that does not import TensorFlow."""
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
+    """Whether TensorFlow can use a GPU.  The device nodes are looked for first, so a machine
+    without them never imports TensorFlow here; with them (WSL2 always has /dev/dxg, a container
+    may have /dev/nvidiactl), TensorFlow must also see a GPU."""
+    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")):
+        return False
+    return bool(import_quietly("tensorflow").config.list_physical_devices("GPU"))
 
 
 class KerasRunner:
@@ -41,15 +47,13 @@ class KerasRunner:
     name = "keras"
 
     def __init__(self, model_path: Path, input_scale: str, batch_size: int | None = None,
-                 jit: bool = False, mixed_precision: bool = False):
-        keras = import_quietly("keras")
+                 jit: bool = False, sha256: str | None = None):
+        import_quietly("keras")
         import tensorflow as tf
 
         from .model import load_keras_model
 
-        if mixed_precision:  # float16 compute on GPU tensor cores; variables stay float32
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        self.model = load_keras_model(model_path)
+        self.model = load_keras_model(model_path, sha256)
         self.input_scale = input_scale
         self.batch_size = batch_size
         self._call = tf.function(lambda x: self.model(x, training=False), jit_compile=jit,
@@ -104,13 +108,13 @@ class TFLiteRunner:
 
     name = "tflite"
 
-    def __init__(self, path: Path, input_scale: str, threads: int | None = None):
+    def __init__(self, model: bytes, input_scale: str, threads: int | None = None):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # the interpreter that ships inside TensorFlow
             Interpreter = import_quietly("tensorflow.lite.python.interpreter").Interpreter
         with stderr_without(XNNPACK_NOTICE):
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+            self.interpreter = Interpreter(model_content=model, num_threads=threads or usable_cores())
             self.interpreter.allocate_tensors()
         self.input_index = self.interpreter.get_input_details()[0]["index"]
         self.output_index = self.interpreter.get_output_details()[0]["index"]
@@ -130,15 +134,17 @@ class TFLiteRunner:
             yield items, self.predict(batch)
 
 
-def converted_file(info: ModelInfo) -> Path | None:
-    """The model's TFLite conversion, if present and pinned to this model in its metadata."""
+def converted_model(info: ModelInfo) -> bytes | None:
+    """The model's TFLite conversion, if present and pinned to this model in its metadata.  The
+    bytes that were checked are the ones run: a file replaced after the check is never loaded."""
     entry = info.metadata.get("tflite") or {}
     path = tflite_path(info.path)
     if not path.is_file() or entry.get("converted_from_sha256") != info.sha256:
         return None
-    if entry.get("sha256") != sha256_of(path):
+    content = path.read_bytes()
+    if entry.get("sha256") != hashlib.sha256(content).hexdigest():
         raise ModelError(f"{path.name} does not match the sha256 recorded in the model's metadata")
-    return path
+    return content
 
 
 def make_runner(info: ModelInfo, runtime: str, batch_size: int):
@@ -146,7 +152,7 @@ def make_runner(info: ModelInfo, runtime: str, batch_size: int):
     gpu = gpu_present()
     converted = None
     if runtime == "tflite" or (runtime == "auto" and not gpu):  # hashes 30 MB: once, and only here
-        converted = converted_file(info)
+        converted = converted_model(info)
     if runtime == "auto":
         runtime = "tflite" if converted else "keras"
     if runtime == "tflite":
@@ -155,7 +161,7 @@ def make_runner(info: ModelInfo, runtime: str, batch_size: int):
                              f"'python -m pneumonia_batch convert --model {info.path}'")
         return TFLiteRunner(converted, info.input_scale)
     if runtime == "keras":
-        return KerasRunner(info.path, info.input_scale, batch_size, jit=gpu, mixed_precision=gpu)
+        return KerasRunner(info.path, info.input_scale, batch_size, jit=gpu, sha256=info.sha256)
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
@@ -164,14 +170,16 @@ def convert_to_tflite(model_path: Path) -> Path:
     import contextlib
     import io
 
-    from .atomic import write_atomic, write_json_atomic
+    from .atomic import cannot_write_in, write_atomic, write_json_atomic
     from .model import load_keras_model, metadata_path, metadata_to_update, read_only
 
     meta = metadata_to_update(model_path)  # a conversion is pinned to the model its metadata describes
     target = tflite_path(model_path)
     if read_only(target):
         raise ModelError(f"{target} is read-only")
-    model = load_keras_model(model_path)
+    if refusal := cannot_write_in(target.parent):  # found before the minutes of converting
+        raise ModelError(refusal)
+    model = load_keras_model(model_path, meta["sha256"])
     import tensorflow as tf
 
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable

@@ -255,15 +255,24 @@ def backbone_of(model):
     return model.get_layer("densenet121")
 
 
-def load_keras_model(model_path: Path):
-    """Load a .keras or .h5 classifier with Keras safe mode on (no Lambda code runs)."""
+def load_keras_model(model_path: Path, sha256: str | None = None):
+    """Load a .keras or .h5 classifier with Keras safe mode on (no Lambda code runs).
+
+    With ``sha256`` (the one its metadata was checked against), the file is hashed again once
+    loaded: a model replaced after the check must not be scored at the old model's threshold.
+    """
     keras = import_quietly("keras")
 
     try:
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file
         raise ModelError(f"cannot load model {model_path}: {exc}") from exc
+    if sha256 and sha256_of(model_path) != sha256:
+        raise ModelError(f"model {model_path} was replaced after it was checked against its metadata")
     shape = tuple(model.output_shape)
     if shape[-1] != len(CLASS_NAMES):
         raise ModelError(f"model {model_path} outputs {shape}; expected {len(CLASS_NAMES)} classes")
+    if tuple(model.input_shape)[1:] not in ((INPUT_SIZE, INPUT_SIZE, 3), (None, None, 3)):
+        raise ModelError(f"model {model_path} takes {tuple(model.input_shape)}; screening feeds "
+                         f"{INPUT_SIZE}x{INPUT_SIZE} RGB images")
     return model

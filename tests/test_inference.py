@@ -8,8 +8,9 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless
 
 from pneumonia_batch.dicom import CR_IMAGE
-from pneumonia_batch.inference import KerasRunner, TFLiteRunner, converted_file, make_runner
-from pneumonia_batch.model import DEFAULT_MODEL, read_model_info
+from pneumonia_batch import inference
+from pneumonia_batch.inference import KerasRunner, TFLiteRunner, converted_model, make_runner
+from pneumonia_batch.model import DEFAULT_MODEL, ModelError, load_keras_model, read_model_info
 from pneumonia_batch.preprocess import DECODE_MIN_SIDE, model_input_from_file
 from tests.dicom_factory import EXAMPLES, make_dataset, save
 
@@ -56,9 +57,9 @@ def full_inputs(real_images):
 
 
 def test_tflite_agrees_with_keras(info, keras_runner, full_inputs):
-    path = converted_file(info)
-    assert path is not None, "the shipped model has no pinned TFLite conversion"
-    tflite = TFLiteRunner(path, info.input_scale).predict(full_inputs)
+    content = converted_model(info)
+    assert content is not None, "the shipped model has no pinned TFLite conversion"
+    tflite = TFLiteRunner(content, info.input_scale).predict(full_inputs)
     keras = np.concatenate([keras_runner.predict(full_inputs[i:i + 8]) for i in range(0, len(full_inputs), 8)])
     np.testing.assert_allclose(tflite, keras, atol=1e-4)
     assert keras.std() > 0.05  # real, varied probabilities, not a constant
@@ -89,12 +90,48 @@ def test_auto_runtime_on_cpu_is_tflite(info):
 
 
 def test_auto_runtime_on_a_gpu_is_keras_and_never_reads_the_tflite_file(info, monkeypatch):
-    from pneumonia_batch import inference
-
     def no_hashing(_):
         raise AssertionError("the TFLite file was hashed for a run that uses Keras")
 
     monkeypatch.setattr(inference, "gpu_present", lambda: True)
-    monkeypatch.setattr(inference, "converted_file", no_hashing)
+    monkeypatch.setattr(inference, "converted_model", no_hashing)
     monkeypatch.setattr(inference, "KerasRunner", lambda *args, **kwargs: ("keras", kwargs))
-    assert make_runner(info, "auto", 16) == ("keras", {"jit": True, "mixed_precision": True})
+    assert make_runner(info, "auto", 16) == ("keras", {"jit": True, "sha256": info.sha256})
+
+
+def test_a_gpu_device_node_tensorflow_cannot_use_is_no_gpu(monkeypatch):
+    """WSL2 always has /dev/dxg; compiled Keras on a CPU would be five times slower than TFLite."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(inference.os.path, "exists", lambda path: path in ("/dev/nvidiactl", "/dev/dxg"))
+    assert tf.config.list_physical_devices("GPU") == []  # this machine
+    assert inference.gpu_present() is False
+
+
+def small_model(path, size=224, outputs=2):
+    import keras
+
+    model = keras.Sequential([keras.Input((size, size, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(outputs, activation="softmax")])
+    model.save(path)
+    return path
+
+
+def test_a_model_replaced_after_its_check_is_not_scored(info, tmp_path, monkeypatch):
+    """The old metadata's threshold must not be applied to whatever now sits at the model's path."""
+    import shutil
+
+    copy = tmp_path / "densenet121_pneumonia.keras"
+    shutil.copy(info.path, copy)
+    checked = read_model_info(copy, input_scale=info.input_scale, threshold=info.threshold)
+    small_model(tmp_path / "other.keras").replace(copy)
+    with pytest.raises(ModelError, match="replaced after it was checked"):
+        make_runner(checked, "keras", 4)
+    # The TFLite runtime runs the very bytes it checked, wherever the file goes after.
+    content = converted_model(info)
+    assert TFLiteRunner(content, info.input_scale).predict(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1,)
+
+
+def test_a_model_for_another_input_size_is_refused_at_load(tmp_path):
+    with pytest.raises(ModelError, match=r"takes \(None, 299, 299, 3\); screening feeds 224x224 RGB"):
+        load_keras_model(small_model(tmp_path / "m299.keras", size=299))
