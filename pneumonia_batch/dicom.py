@@ -199,8 +199,15 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # sent empty: no rescale (this copy only)
         if keyword in ds and ds[keyword].value in (None, ""):
             del ds[keyword]
-        elif keyword in ds and not math.isfinite(float(ds[keyword].value)):  # no image to score
-            raise ValueError(f"{keyword} {ds[keyword].value} is not a finite number")
+    if "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        for keyword in ("RescaleSlope", "RescaleIntercept"):  # applied, as pydicom applies them: both or none
+            value = ds[keyword].value
+            try:
+                finite = math.isfinite(float(value))
+            except (TypeError, ValueError):  # several values, or text
+                finite = False
+            if not finite:
+                raise ValueError(f"{keyword} {value!r} is not a finite number")
     values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
     if ds.get("VOILUTSequence"):  # present and not empty
         item = ds.VOILUTSequence[0]

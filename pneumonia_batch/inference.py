@@ -149,7 +149,7 @@ def converted_model(info: ModelInfo) -> bytes | None:
 
 def make_runner(info: ModelInfo, runtime: str, batch_size: int):
     """The runtime for this machine ('auto'), or the one asked for."""
-    gpu = gpu_present()
+    gpu = runtime != "tflite" and gpu_present()  # TFLite alone imports no TensorFlow
     converted = None
     if runtime == "tflite" or (runtime == "auto" and not gpu):  # hashes 30 MB: once, and only here
         converted = converted_model(info)

@@ -272,7 +272,8 @@ def load_keras_model(model_path: Path, sha256: str | None = None):
     shape = tuple(model.output_shape)
     if shape[-1] != len(CLASS_NAMES):
         raise ModelError(f"model {model_path} outputs {shape}; expected {len(CLASS_NAMES)} classes")
-    if tuple(model.input_shape)[1:] not in ((INPUT_SIZE, INPUT_SIZE, 3), (None, None, 3)):
+    *_, rows, columns, channels = model.input_shape
+    if channels != 3 or rows not in (INPUT_SIZE, None) or columns not in (INPUT_SIZE, None):
         raise ModelError(f"model {model_path} takes {tuple(model.input_shape)}; screening feeds "
                          f"{INPUT_SIZE}x{INPUT_SIZE} RGB images")
     return model

@@ -420,6 +420,14 @@ def test_a_header_value_that_is_not_a_finite_number_is_refused_rather_than_score
         grey_of(save(make_dataset(pixels, **elements), tmp_path / "nan.dcm"))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_a_rescale_value_that_is_not_applied_does_not_refuse_the_image(tmp_path, pixels):
+    """A slope without its intercept is not applied (PS3.3 C.11.1: both or neither), whatever it holds."""
+    plain = grey_of(save(make_dataset(pixels), tmp_path / "plain.dcm"))
+    lone_slope = grey_of(save(make_dataset(pixels, RescaleSlope="NaN"), tmp_path / "slope.dcm"))
+    np.testing.assert_array_equal(lone_slope, plain)
+
+
 def test_a_jpeg2000_stream_the_half_resolution_reader_refuses_is_decoded_in_full(tmp_path):
     """With its end-of-codestream marker overwritten, Pillow refuses the shipped JPEG 2000 radiograph,
     which the DICOM codec still reads whole: the faster path must not make a readable image an error row."""

@@ -99,6 +99,14 @@ def test_auto_runtime_on_a_gpu_is_keras_and_never_reads_the_tflite_file(info, mo
     assert make_runner(info, "auto", 16) == ("keras", {"jit": True, "sha256": info.sha256})
 
 
+def test_the_tflite_runtime_never_asks_tensorflow_for_a_gpu(info, monkeypatch):
+    def no_gpu_check():
+        raise AssertionError("gpu_present imports TensorFlow on a machine with a GPU device node")
+
+    monkeypatch.setattr(inference, "gpu_present", no_gpu_check)
+    assert make_runner(info, "tflite", 16).name == "tflite"
+
+
 def test_a_gpu_device_node_tensorflow_cannot_use_is_no_gpu(monkeypatch):
     """WSL2 always has /dev/dxg; compiled Keras on a CPU would be five times slower than TFLite."""
     import tensorflow as tf
@@ -108,11 +116,11 @@ def test_a_gpu_device_node_tensorflow_cannot_use_is_no_gpu(monkeypatch):
     assert inference.gpu_present() is False
 
 
-def small_model(path, size=224, outputs=2):
+def small_model(path, shape=(224, 224, 3)):
     import keras
 
-    model = keras.Sequential([keras.Input((size, size, 3)), keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(outputs, activation="softmax")])
+    model = keras.Sequential([keras.Input(shape), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2, activation="softmax")])
     model.save(path)
     return path
 
@@ -134,4 +142,8 @@ def test_a_model_replaced_after_its_check_is_not_scored(info, tmp_path, monkeypa
 
 def test_a_model_for_another_input_size_is_refused_at_load(tmp_path):
     with pytest.raises(ModelError, match=r"takes \(None, 299, 299, 3\); screening feeds 224x224 RGB"):
-        load_keras_model(small_model(tmp_path / "m299.keras", size=299))
+        load_keras_model(small_model(tmp_path / "m299.keras", (299, 299, 3)))
+    with pytest.raises(ModelError, match=r"takes \(None, 224, 224, 1\)"):
+        load_keras_model(small_model(tmp_path / "grey.keras", (224, 224, 1)))
+    any_width = load_keras_model(small_model(tmp_path / "any_width.keras", (224, None, 3)))
+    assert any_width.input_shape == (None, 224, None, 3)  # takes 224x224 as well as any other width
