@@ -152,7 +152,7 @@ def test_an_error_spanning_lines_is_one_line_in_the_result_and_the_summary(tmp_p
         raise ValueError("A merge layer should be called on a list of inputs.\n"
                          "Received: inputs=tf.Tensor(\n[[1. 2.]\n [3. 4.]]) (not a list of tensors)")
 
-    monkeypatch.setattr(model, "load_keras_model", lambda path: object())
+    monkeypatch.setattr(model, "load_keras_model", lambda path, sha256: object())
     monkeypatch.setattr(export, "_write_overlay", fails)
     outcome = export_flagged(tmp_path / "review", [study], [record], info, studies)
     (folder,) = study_folders(tmp_path / "review")
