@@ -69,14 +69,19 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     """
     directory = Path(directory)
     found: list[tuple[int, discover.InputFile]] = []
-    for label, folder in class_folders(directory):
+    folders = class_folders(directory)
+    for label, folder in folders:
         for item in discover.walk(folder, confined=False):
             item.rel = f"{folder.name}/{item.rel}"  # duplicates are named across both classes
             discover.identify(item)
             found.append((label, item))
+    _one_file_once(found)
     discover.group_studies([item for _, item in found])  # marks second copies of an instance
     items: list[LabelledImage] = []
-    unused: list[UnusedFile] = []
+    # A folder or file beside the class folders (a "Pneumonia_viral" folder, a stray image) is not
+    # read; listed, so that a class spelt otherwise is not dropped unseen.
+    unused = [UnusedFile(child, "outside_class_folders") for child in _children(directory)
+              if child not in {folder for _, folder in folders} and child.name not in discover.IGNORED_NAMES]
     for label, item in found:
         if item.status != "pending":
             unused.append(UnusedFile(item.path, item.why_not_scored))
@@ -87,6 +92,35 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
     if not items:
         raise FileNotFoundError(f"no usable images under {directory}/{{{','.join(CLASS_NAMES)}}}")
     return items, unused
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return sorted(Path(directory).iterdir())
+    except OSError:
+        return []
+
+
+def _one_file_once(found: list[tuple[int, discover.InputFile]]) -> None:
+    """One file reached by several names (links, as data sets are often assembled) is used once: a
+    second name is a duplicate, and a file filed under both classes has no label to trust."""
+    names: dict[tuple[int, int], list[tuple[int, discover.InputFile]]] = {}
+    for label, item in found:
+        if item.status == "pending":
+            try:
+                stat = os.stat(item.path)  # through links
+            except OSError:  # gone since the walk: decoding reports it
+                continue
+            names.setdefault((stat.st_dev, stat.st_ino), []).append((label, item))
+    for same_file in names.values():
+        (first_label, first), *others = same_file
+        if {label for label, _ in same_file} != {first_label}:
+            for _, item in same_file:
+                item.finish("skipped", f"label_conflict: the same file is filed under both classes "
+                                       f"({'; '.join(i.rel for _, i in same_file)})")
+            continue
+        for _, item in others:
+            item.finish("skipped", f"duplicate_of {first.rel}")
 
 
 def list_training(directory: Path) -> tuple[list[LabelledImage], list[UnusedFile]]:
@@ -109,11 +143,7 @@ def class_folders(directory: Path) -> list[tuple[int, Path]]:
     """The class folders directly under ``directory`` with their labels, whatever their case
     (``normal/``, ``Pneumonia/``): a folder missed for its spelling would drop a class unseen."""
     labels = {name: label for label, name in enumerate(CLASS_NAMES)}
-    try:
-        children = sorted(Path(directory).iterdir())
-    except OSError:
-        return []
-    return [(labels[child.name.upper()], child) for child in children
+    return [(labels[child.name.upper()], child) for child in _children(directory)
             if child.name.upper() in labels and child.is_dir()]
 
 

@@ -50,6 +50,31 @@ def test_a_data_set_assembled_from_symlinks_is_read(tmp_path):
     assert [(i.path.name, i.label) for i in items] == [("x.jpeg", 0)] and unused == []
 
 
+def test_one_file_under_several_names_is_used_once_and_a_file_under_both_classes_not_at_all(tmp_path):
+    """Links and hard links would count an image twice; one filed as both normal and pneumonia has
+    no label to trust.  What sits beside the class folders is listed, not passed over."""
+    import os
+
+    normal, pneumonia = tmp_path / "NORMAL", tmp_path / "PNEUMONIA"
+    for folder in (normal, pneumonia, tmp_path / "Pneumonia_viral"):
+        folder.mkdir()
+    for path in (normal / "a.jpeg", normal / "c.jpeg", pneumonia / "b.jpeg", tmp_path / "Pneumonia_viral" / "d.jpeg",
+                 tmp_path / "stray.jpeg"):
+        shutil.copy(NORMAL_JPEG, path)
+    (normal / "link.jpeg").symlink_to(normal / "a.jpeg")
+    os.link(normal / "a.jpeg", normal / "hard.jpeg")
+    (pneumonia / "cross.jpeg").symlink_to(normal / "c.jpeg")
+    items, unused = list_labelled(tmp_path)
+    assert [(item.path.relative_to(tmp_path).as_posix(), item.label) for item in items] == [
+        ("NORMAL/a.jpeg", 0), ("PNEUMONIA/b.jpeg", 1)]
+    conflict = ("label_conflict: the same file is filed under both classes "
+                "(NORMAL/c.jpeg; PNEUMONIA/cross.jpeg)")
+    assert {u.path.relative_to(tmp_path).as_posix(): u.reason for u in unused} == {
+        "NORMAL/hard.jpeg": "duplicate_of NORMAL/a.jpeg", "NORMAL/link.jpeg": "duplicate_of NORMAL/a.jpeg",
+        "NORMAL/c.jpeg": conflict, "PNEUMONIA/cross.jpeg": conflict,
+        "Pneumonia_viral": "outside_class_folders", "stray.jpeg": "outside_class_folders"}
+
+
 def test_training_uses_only_what_its_pipeline_decodes(local_folder):
     items, unused = list_labelled(local_folder, TRAINING_KINDS)
     assert [item.path.name for item in items] == ["a.jpeg"]
