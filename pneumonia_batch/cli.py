@@ -211,7 +211,7 @@ def calibrate(data_dir, model_path, target_sensitivity, local):
         if local:
             items, unused = list_labelled(data_dir)
             calibrate_model(model_path, items, f"the labelled folder {data_dir.resolve()}", target_sensitivity,
-                            unused, log=to_stderr)
+                            unused, log=to_stderr, folder=data_dir)
         else:
             val_items = rebuild_validation_split(data_dir, checked_metadata(model_path).get("training") or {})
             calibrate_model(model_path, val_items, VALIDATION_SPLIT, target_sensitivity, log=to_stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
 
 
 def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, target_sensitivity: float = 0.97,
-                    unused: list[UnusedFile] = (), log=print) -> dict:
+                    unused: list[UnusedFile] = (), log=print, folder: Path | None = None) -> dict:
     """Choose the threshold on labelled data and store it in the model's metadata.
 
     ``data`` says what the images are, for the record: the patient-held-out
@@ -177,6 +178,8 @@ def calibrate_model(model_path: Path, items: list[LabelledImage], data: str, tar
                   "the gap to the next lower probability when that is less",
         "target_sensitivity": target_sensitivity,
         "chosen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        # a user's own folder (--local): evaluate warns about figures on its images at this threshold
+        **({"chosen_on_folder": str(Path(folder).resolve())} if folder else {}),
     }
     meta["validation"] = {
         "data": data,
@@ -230,6 +233,7 @@ def evaluate(model_path: Path, items: list[LabelledImage], out_dir: Path,
         # figures that include these patients' images are optimistic; None: no metadata lists them
         "n_with_training_patient_token": (None if trained_on is None else
                                           sum(patient_of(i.path) in trained_on for i in items)),
+        "n_in_threshold_folder": _count_in(info.metadata.get("threshold", {}).get("chosen_on_folder"), items),
         "roc_auc": roc_auc(labels, probabilities),
         "at_model_threshold": metrics_at(labels, probabilities, info.threshold),
         "at_0.5": metrics_at(labels, probabilities, 0.5),
@@ -249,6 +253,15 @@ def _figure(value: float | None, interval: list[float] | None = None) -> str:
     return f"{value:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
 
 
+def _count_in(folder: str | None, items: list[LabelledImage]) -> int | None:
+    """How many of ``items`` lie in ``folder``, found where they are named or where their links lead;
+    None without a folder."""
+    if not folder:
+        return None
+    return sum(any(place.is_relative_to(folder) for place in
+                   (Path(os.path.realpath(item.path.parent)), Path(item.path).resolve())) for item in items)
+
+
 def format_table(result: dict) -> str:
     auc = "n/a (one class only)" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"
     lines = [f"{result['n_images']} images ({result['n_pneumonia']} pneumonia), ROC-AUC {auc}"]
@@ -256,6 +269,9 @@ def format_table(result: dict) -> str:
         lines.append(f"warning: {result['n_with_training_patient_token']} of these images carry the patient "
                      "token (from the file name) of images the model was trained on: if they are the same "
                      "patients, these figures are optimistic")
+    if result.get("n_in_threshold_folder"):
+        lines.append(f"warning: {result['n_in_threshold_folder']} of these images are in the folder the model's "
+                     "threshold was chosen on (calibrate --local): the figures at that threshold are optimistic")
     if result["not_used"]:
         lines.append(f"{len(result['not_used'])} files not used: "
                      f"{count_reasons(u['reason'] for u in result['not_used'])}")

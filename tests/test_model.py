@@ -406,6 +406,13 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     assert not [p for p in evaluated.values() if threshold <= p < min(pneumonia)]  # no image moved across
     assert str(data) in meta["threshold"]["method"] and meta["validation"]["not_used"] == "not_an_image (1)"
     assert meta["validation"]["n_images"] == 6 and "95 % interval" in result.stderr
+    assert meta["threshold"]["chosen_on_folder"] == str(data.resolve())
+    # figures on the very images the threshold was just chosen on are flagged as optimistic
+    result = pneumonia_batch_command("evaluate", data, "--model", model, "--out-dir", tmp_path / "ev2")
+    assert json.loads((tmp_path / "ev2" / "evaluation.json").read_text())["n_in_threshold_folder"] == 6
+    assert ("warning: 6 of these images are in the folder the model's threshold was chosen on (calibrate "
+            "--local): the figures at that threshold are optimistic") in result.stdout
+    assert saved["n_in_threshold_folder"] is None  # the shipped-style threshold names no folder
 
     report = tmp_path / "report.json"
     subprocess.run([sys.executable, str(ROOT / "screen.py"), str(data / "PNEUMONIA"), "--out", str(report),
