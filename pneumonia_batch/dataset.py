@@ -77,6 +77,7 @@ def list_labelled(directory: Path, kinds: tuple[str, ...] = ("png", "jpeg", "dic
             found.append((label, item))
     _one_file_once(found)
     discover.group_studies([item for _, item in found])  # marks second copies of an instance
+    _one_instance_one_label(found)
     items: list[LabelledImage] = []
     # A folder or file beside the class folders (a "Pneumonia_viral" folder, a stray image) is not
     # read; listed, so that a class spelt otherwise is not dropped unseen.
@@ -121,6 +122,19 @@ def _one_file_once(found: list[tuple[int, discover.InputFile]]) -> None:
             continue
         for _, item in others:
             item.finish("skipped", f"duplicate_of {first.rel}")
+
+
+def _one_instance_one_label(found: list[tuple[int, discover.InputFile]]) -> None:
+    """A DICOM instance sent into both class folders has no label to trust: no copy is used."""
+    by_name = {item.rel: (label, item) for label, item in found}
+    for label, item in found:
+        if item.status == "skipped" and item.reason.startswith(discover.DUPLICATE):
+            kept_label, kept = by_name.get(item.reason[len(discover.DUPLICATE):], (label, None))
+            if kept_label != label:
+                reason = (f"label_conflict: the same DICOM instance is filed under both classes "
+                          f"({kept.rel}; {item.rel})")
+                for copy in (kept, item):
+                    copy.finish("skipped", reason)
 
 
 def list_training(directory: Path) -> tuple[list[LabelledImage], list[UnusedFile]]:

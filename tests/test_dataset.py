@@ -75,6 +75,19 @@ def test_one_file_under_several_names_is_used_once_and_a_file_under_both_classes
         "Pneumonia_viral": "outside_class_folders", "stray.jpeg": "outside_class_folders"}
 
 
+def test_a_dicom_instance_sent_into_both_class_folders_is_not_used(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "PNEUMONIA").mkdir()
+    ds = make_dataset(chest_pixels(64))
+    save(ds, tmp_path / "NORMAL" / "a.dcm")
+    save(ds, tmp_path / "PNEUMONIA" / "b.dcm")  # the same SOPInstanceUID, a file of its own
+    shutil.copy(NORMAL_JPEG, tmp_path / "NORMAL" / "c.jpeg")
+    items, unused = list_labelled(tmp_path)
+    assert [item.path.name for item in items] == ["c.jpeg"]
+    conflict = "label_conflict: the same DICOM instance is filed under both classes (NORMAL/a.dcm; PNEUMONIA/b.dcm)"
+    assert {u.path.name: u.reason for u in unused} == {"a.dcm": conflict, "b.dcm": conflict}
+
+
 def test_training_uses_only_what_its_pipeline_decodes(local_folder):
     items, unused = list_labelled(local_folder, TRAINING_KINDS)
     assert [item.path.name for item in items] == ["a.jpeg"]
