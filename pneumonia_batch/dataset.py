@@ -116,9 +116,7 @@ def _one_file_once(found: list[tuple[int, discover.InputFile]]) -> None:
     for same_file in names.values():
         (first_label, first), *others = same_file
         if {label for label, _ in same_file} != {first_label}:
-            for _, item in same_file:
-                item.finish("skipped", f"label_conflict: the same file is filed under both classes "
-                                       f"({'; '.join(i.rel for _, i in same_file)})")
+            _not_used_for_conflict("file", [item for _, item in same_file])
             continue
         for _, item in others:
             item.finish("skipped", f"duplicate_of {first.rel}")
@@ -128,13 +126,15 @@ def _one_instance_one_label(found: list[tuple[int, discover.InputFile]]) -> None
     """A DICOM instance sent into both class folders has no label to trust: no copy is used."""
     by_name = {item.rel: (label, item) for label, item in found}
     for label, item in found:
-        if item.status == "skipped" and item.reason.startswith(discover.DUPLICATE):
-            kept_label, kept = by_name.get(item.reason[len(discover.DUPLICATE):], (label, None))
-            if kept_label != label:
-                reason = (f"label_conflict: the same DICOM instance is filed under both classes "
-                          f"({kept.rel}; {item.rel})")
-                for copy in (kept, item):
-                    copy.finish("skipped", reason)
+        kept_label, kept = by_name.get(discover.duplicate_of(item), (label, None))
+        if kept_label != label:
+            _not_used_for_conflict("DICOM instance", [kept, item])
+
+
+def _not_used_for_conflict(what: str, copies: list[discover.InputFile]) -> None:
+    reason = f"label_conflict: the same {what} is filed under both classes ({'; '.join(c.rel for c in copies)})"
+    for copy in copies:
+        copy.finish("skipped", reason)
 
 
 def list_training(directory: Path) -> tuple[list[LabelledImage], list[UnusedFile]]:

@@ -171,9 +171,17 @@ def _first_window(ds) -> tuple[float, float] | None:
         if value is None or str(value).strip() == "":
             return None
         pair.append(float(value))
-    if not all(map(math.isfinite, pair)):  # would give a blank image, scored as if it were one
+    if not all(map(_finite, pair)):  # would give a blank image, scored as if it were one
         raise ValueError(f"window centre/width {pair[0]}/{pair[1]} is not a finite number")
     return pair[0], pair[1]
+
+
+def _finite(value) -> bool:
+    """Whether a header value reads as one finite number (not NaN, an infinity, text or several)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _padding(ds, frame: np.ndarray) -> np.ndarray:
@@ -199,15 +207,10 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # sent empty: no rescale (this copy only)
         if keyword in ds and ds[keyword].value in (None, ""):
             del ds[keyword]
-    if "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        for keyword in ("RescaleSlope", "RescaleIntercept"):  # applied, as pydicom applies them: both or none
-            value = ds[keyword].value
-            try:
-                finite = math.isfinite(float(value))
-            except (TypeError, ValueError):  # several values, or text
-                finite = False
-            if not finite:
-                raise ValueError(f"{keyword} {value!r} is not a finite number")
+    rescaled = "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds
+    for keyword in ("RescaleSlope", "RescaleIntercept") if rescaled else ():  # as pydicom applies them: both or none
+        if not _finite(ds[keyword].value):
+            raise ValueError(f"{keyword} {ds[keyword].value!r} is not a finite number")
     values = pydicom.pixels.apply_modality_lut(frame, ds).astype(np.float32, copy=False)
     if ds.get("VOILUTSequence"):  # present and not empty
         item = ds.VOILUTSequence[0]

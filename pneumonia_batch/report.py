@@ -120,7 +120,7 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     """CSV with spreadsheet-safe cells.  CRLF line ends, as RFC 4180 has them: the writer then
     quotes any cell holding a CR (a file name may), which every reader would take for a line end."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\r\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: safe_cell(row.get(k)) for k in columns})

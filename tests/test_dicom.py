@@ -375,7 +375,8 @@ def test_a_palette_jpeg2000_image_is_not_read_at_half_resolution(tmp_path):
 
     def palette_file(name, syntax=None):
         ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8,
-                          sop_class=dicom.SECONDARY_CAPTURE, modality="CR")
+                          sop_class=dicom.SECONDARY_CAPTURE, modality="CR",
+                          WindowCenter=128, WindowWidth=256)  # a window a palette ignores: not why it is read in full
         for colour in ("Red", "Green", "Blue"):
             setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
             setattr(ds, f"{colour}PaletteColorLookupTableData", entries.astype("<u2").tobytes())

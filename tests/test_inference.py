@@ -9,8 +9,8 @@ from pydicom.uid import JPEG2000Lossless
 
 from pneumonia_batch.dicom import CR_IMAGE
 from pneumonia_batch import inference
-from pneumonia_batch.inference import KerasRunner, TFLiteRunner, converted_model, make_runner
-from pneumonia_batch.model import DEFAULT_MODEL, ModelError, load_keras_model, read_model_info
+from pneumonia_batch.inference import KerasRunner, TFLiteRunner, converted_model, make_runner, tflite_path
+from pneumonia_batch.model import DEFAULT_MODEL, ModelError, load_keras_model, metadata_path, read_model_info
 from pneumonia_batch.preprocess import DECODE_MIN_SIDE, model_input_from_file
 from tests.dicom_factory import EXAMPLES, make_dataset, save
 
@@ -112,7 +112,7 @@ def test_a_gpu_device_node_tensorflow_cannot_use_is_no_gpu(monkeypatch):
     import tensorflow as tf
 
     monkeypatch.setattr(inference.os.path, "exists", lambda path: path in ("/dev/nvidiactl", "/dev/dxg"))
-    assert tf.config.list_physical_devices("GPU") == []  # this machine
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])  # as on WSL2 without CUDA
     assert inference.gpu_present() is False
 
 
@@ -135,9 +135,23 @@ def test_a_model_replaced_after_its_check_is_not_scored(info, tmp_path, monkeypa
     small_model(tmp_path / "other.keras").replace(copy)
     with pytest.raises(ModelError, match="replaced after it was checked"):
         make_runner(checked, "keras", 4)
-    # The TFLite runtime runs the very bytes it checked, wherever the file goes after.
-    content = converted_model(info)
-    assert TFLiteRunner(content, info.input_scale).predict(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1,)
+
+    # The TFLite runtime runs the very bytes it checked, even when the file is replaced right after the check.
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for path in (info.path, metadata_path(info.path), tflite_path(info.path)):
+        shutil.copy(path, weights)
+    copied = read_model_info(weights / info.path.name)
+    real_sha256 = inference.hashlib.sha256
+
+    def replaced_once_hashed(content):
+        tflite_path(copied.path).write_bytes(b"not a model")
+        return real_sha256(content)
+
+    monkeypatch.setattr(inference.hashlib, "sha256", replaced_once_hashed)
+    content = converted_model(copied)
+    monkeypatch.undo()
+    assert TFLiteRunner(content, copied.input_scale).predict(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1,)
 
 
 def test_a_model_for_another_input_size_is_refused_at_load(tmp_path):
