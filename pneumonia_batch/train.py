@@ -199,10 +199,10 @@ def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
         image.set_shape((INPUT_SIZE, INPUT_SIZE, 3))
         return image, label
 
-    def finish(image, label):
+    def finish(image, label, draw_seed=None):  # draw_seed: with augment
         image = tf.cast(image, tf.float32)
         if augment:
-            image = random_affine_and_tone(image)
+            image = random_affine_and_tone(image, draw_seed)
         if size != INPUT_SIZE:
             image = tf.image.resize(image, (size, size), antialias=True)
         return image, label
@@ -214,15 +214,23 @@ def image_dataset(items: list[LabelledImage], size: int, batch_size: int,
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if augment:
         ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
-    return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+        # Keras iterates the dataset afresh each epoch, and random ops inside a map start again
+        # from the global seed each time: the draws come from a stream that changes per epoch
+        draw_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, draw_seeds)).map(lambda pair, draw_seed: finish(*pair, draw_seed),
+                                                       num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(2)
 
 
 AUGMENTATION = ("rotation +-10 deg, shift +-8 %, zoom 0.85-1.15, gamma 0.7-1.4 (log-uniform), "
                 "contrast 0.7-1.3, brightness +-25/255; no flips")
 
 
-def random_affine_and_tone(image):
-    """Small rotation, shift and zoom; gamma, contrast and brightness; never a flip.
+def random_affine_and_tone(image, seed):
+    """Small rotation, shift and zoom; gamma, contrast and brightness; never a flip.  The draws
+    are a function of ``seed`` (two integers), so a training run can be repeated.
 
     The tone ranges are wide on purpose: a network trained from scratch on one
     centre's images keys on their exact grey levels (half a grey level of bias
@@ -232,9 +240,14 @@ def random_affine_and_tone(image):
     """
     import tensorflow as tf
 
-    angle = tf.random.uniform((), -10.0, 10.0) * math.pi / 180
-    zoom = tf.random.uniform((), 0.85, 1.15)
-    shift = tf.random.uniform((2,), -0.08, 0.08) * INPUT_SIZE
+    seeds = iter(tf.unstack(tf.random.split(tf.cast(seed, tf.int64), 6)))
+
+    def uniform(shape, low, high):
+        return tf.random.stateless_uniform(shape, next(seeds), low, high)
+
+    angle = uniform((), -10.0, 10.0) * math.pi / 180
+    zoom = uniform((), 0.85, 1.15)
+    shift = uniform((2,), -0.08, 0.08) * INPUT_SIZE
     c = (INPUT_SIZE - 1) / 2.0
     a0, a1 = tf.cos(angle) / zoom, -tf.sin(angle) / zoom
     b0, b1 = tf.sin(angle) / zoom, tf.cos(angle) / zoom
@@ -244,10 +257,10 @@ def random_affine_and_tone(image):
     image = tf.raw_ops.ImageProjectiveTransformV3(
         images=image[None], transforms=transform, output_shape=tf.constant([INPUT_SIZE, INPUT_SIZE]),
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-    gamma = tf.exp(tf.random.uniform((), math.log(0.7), math.log(1.4)))
+    gamma = tf.exp(uniform((), math.log(0.7), math.log(1.4)))
     image = 255.0 * tf.pow(image / 255.0, gamma)
-    contrast = tf.random.uniform((), 0.7, 1.3)
-    brightness = tf.random.uniform((), -25.0, 25.0)
+    contrast = uniform((), 0.7, 1.3)
+    brightness = uniform((), -25.0, 25.0)
     mean = tf.reduce_mean(image)
     return tf.clip_by_value((image - mean) * contrast + mean + brightness, 0.0, 255.0)
 

@@ -322,6 +322,32 @@ def test_training_shuffle_follows_the_seed():
     assert label_order(1) != label_order(2)
 
 
+def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(tmp_path):
+    """Keras iterates the training dataset afresh each epoch, with the global seed set: random ops
+    inside the pipeline would deal every epoch the same rotations, zooms and tones.  One image, so
+    the shuffle cannot hide a repeat."""
+    import keras
+    from PIL import Image
+
+    from pneumonia_batch.dataset import LabelledImage
+    from pneumonia_batch.train import image_dataset
+
+    path = tmp_path / "chest.png"
+    Image.fromarray(np.tile(np.arange(224, dtype=np.uint8), (224, 1))).save(path)
+    items = [LabelledImage(path, 1, "png")]
+
+    def epochs(seed, n=3):
+        keras.utils.set_random_seed(0)  # as training sets it
+        dataset = image_dataset(items, 64, 1, augment=True, seed=seed)
+        return [next(iter(dataset))[0].numpy() for _ in range(n)]
+
+    first = epochs(seed=5)
+    assert all(np.abs(a - b).mean() > 1 for a, b in [(first[0], first[1]), (first[1], first[2]), (first[0], first[2])])
+    for again, image in zip(epochs(seed=5), first):
+        np.testing.assert_array_equal(again, image)
+    assert np.abs(epochs(seed=6, n=1)[0] - first[0]).mean() > 1
+
+
 def test_sha256_mismatch_is_refused(tiny_training, tmp_path):
     out, _, _ = tiny_training
     copy = tmp_path / "tiny.keras"
@@ -557,8 +583,8 @@ def test_augmentation_never_flips_and_stays_in_range():
 
     image = np.full((224, 224, 3), 50.0, np.float32)
     image[:112, :112] = 200.0  # bright top-left quadrant
-    tf.random.set_seed(0)
-    outputs = np.stack([random_affine_and_tone(tf.constant(image)).numpy() for _ in range(30)])
+    outputs = np.stack([random_affine_and_tone(tf.constant(image), tf.constant([7, i])).numpy()
+                        for i in range(30)])
     assert outputs.min() >= 0 and outputs.max() <= 255
 
     def quadrant(rows, cols):
