@@ -99,7 +99,9 @@ def read_header(path: Path) -> DicomHeader:
     # Any file that is not PNG or JPEG is tried as DICOM without preamble; in a
     # video or an archive, a "length" of gigabytes would otherwise be read into memory.
     ds = read_dataset(path, stop_before_pixels=True, defer_size=HEADER_VALUE_LIMIT)
-    if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID")):
+    # a DICOMDIR has none of an image's elements: its file meta names its class
+    if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID")) and \
+            _text(ds.file_meta, "MediaStorageSOPClassUID") != MEDIA_STORAGE_DIRECTORY:
         raise InvalidDicomError("no DICOM identifying elements")
     for keyword, tag in HEADER_TAGS.items():  # a deferred value would be read when used: refuse it first
         element = ds.get_item(tag, keep_deferred=True) if tag in ds else None

@@ -93,6 +93,22 @@ def test_header_filter_can_be_turned_off_but_not_for_non_images(tmp_path):
     assert unfiltered["sr.dcm"].reason == "not_an_image_sop_class"
 
 
+def test_a_dicomdir_is_skipped_as_one_not_an_error(tmp_path):
+    """An archive's media export carries a DICOMDIR: its file meta says so, and it has none of an
+    image's identifying elements.  An error row would make every night exit 1."""
+    from pydicom.fileset import FileSet
+
+    image = tmp_path / "image.dcm"
+    save(make_dataset(PIXELS, StudyTime="120000", StudyID="1", SeriesNumber=1, InstanceNumber=1), image)
+    file_set = FileSet()
+    file_set.add(str(image))
+    file_set.write(tmp_path / "media")
+    for header_filter in (True, False):
+        files = found(tmp_path / "media", header_filter)
+        assert (files["DICOMDIR"].status, files["DICOMDIR"].reason) == ("skipped", "dicomdir")
+        assert [f.status for rel, f in files.items() if rel != "DICOMDIR"] == ["pending"]
+
+
 def test_study_probability_is_the_maximum_of_its_images():
     study = discover.Study("k", "k")
     for rel, p, status in [("a", 0.2, "scored"), ("b", 0.7, "scored"), ("c", None, "error")]:
