@@ -164,7 +164,15 @@ def class_folders(directory: Path) -> list[tuple[int, Path]]:
 def class_folder_holding(path: Path, data_dir: Path) -> Path | None:
     """The class folder of ``data_dir``, or of one of its split folders, that holds ``path`` (which
     need not exist yet), compared as the file system sees folders: through links, and in another
-    letter case on a share that ignores it."""
+    letter case on a share that ignores it.  A class folder that does not exist yet counts too, in
+    any case (``normal/``): the output would make it one."""
+    for start in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
+        for root in {Path(os.path.abspath(data_dir)), Path(os.path.realpath(data_dir))}:
+            if start.is_relative_to(root):
+                parts = start.relative_to(root).parts[:2]  # DATA_DIR/CLASS or DATA_DIR/split/CLASS
+                for depth, part in enumerate(parts):
+                    if part.upper() in CLASS_NAMES:
+                        return root.joinpath(*parts[:depth + 1])
     try:
         splits = [child for child in Path(data_dir).iterdir() if child.is_dir()]
     except OSError:  # an unreadable DATA_DIR is reported by the command that reads it

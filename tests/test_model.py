@@ -481,9 +481,11 @@ def test_one_class_wrong_data_and_a_read_only_model_are_told_apart(tiny_training
     result = command("evaluate", data, "--out-dir", tmp_path / "afile" / "ev")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     # outputs inside a class folder: their plots would be read as X-rays of that class next time
-    result = command("evaluate", data, "--out-dir", data / "pneumonia" / "ev")
-    assert result.returncode == 2 and f"--out-dir {data / 'pneumonia' / 'ev'} is inside the labelled folder" \
-        in result.stderr, result.stderr
+    for out_dir in (data / "pneumonia" / "ev", data / "Normal" / "ev"):  # a class folder it would make, too
+        result = command("evaluate", data, "--out-dir", out_dir)
+        assert result.returncode == 2 and f"--out-dir {out_dir} is inside the labelled folder" in result.stderr, \
+            result.stderr
+    assert not (data / "Normal").exists()
     shutil.copytree(ROOT / "examples" / "studies" / "paediatric-normal", data / "test" / "NORMAL")
     for out in (data / "pneumonia" / "m.keras", data / "test" / "NORMAL" / "m.keras"):  # another split's too
         result = subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out", str(out)],
