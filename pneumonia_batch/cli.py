@@ -144,9 +144,10 @@ def main() -> None:
               type=FiniteFloatRange(0, 1, min_open=True),
               help="Pneumonia sensitivity the threshold is calibrated for on the validation split.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Checkpoint folder (default runs/<model name>).")
+              help="Checkpoint folder (default runs/<model name>, under the current folder).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.  Without it, "
-              "a run folder holding an earlier run's epochs is refused rather than overwritten.")
+              "a run folder holding an earlier run's epochs is refused rather than overwritten; with it, a run "
+              "folder holding none is refused rather than started afresh.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many images per class (smoke runs).")
 @click.option("--from-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning); its training record is "

@@ -11,7 +11,8 @@ at any point leaves a consistent run, and ``--resume`` continues where it
 stopped: same weights, Adam moments and learning rate, the plateau and
 early-stopping counters replayed from the history, and a phase that had stopped
 early stays stopped.  Only the random draws differ.  The progress file also pins the validation
-split (seed, fraction, limit and a digest of the validation images' names): a resume with another
+split (seed, fraction, limit and a digest of the validation images' names) and the recipe (init,
+batch size, and a schedule that a resume may only lengthen at its end): a resume with another
 is refused.
 
 With ``average_last=N`` the final 224 px phase runs at a constant learning rate,
@@ -165,6 +166,10 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
     if not resume and progress.is_file():  # a forgotten --resume must not wipe hours of training
         raise ValueError(f"{progress.parent} holds an earlier run: --resume continues it; to start afresh, "
                          "remove that folder or give another --run-dir")
+    if resume and not progress.is_file():  # run from another folder, the default runs/ is another one
+        raise ValueError(f"--resume: {progress} does not exist, so there is no run to continue there; "
+                         "give the run's --run-dir (the default is relative to the current folder), or "
+                         "leave out --resume to start a new run")
 
 
 def _check_writable(option: str, path: Path) -> None:
@@ -345,16 +350,17 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
         schedule = [Phase(schedule[0].size, frozen_epochs, schedule[0].learning_rate, True)] + schedule
     out = Path(out)
     run = _RunFolder(run_folder_path(out, run_dir))
-    if resume and not run.progress.is_file():
-        log(f"nothing to resume in {run.root}: starting a new run")
     progress = run.load_progress() if resume else {"completed_epochs": 0, "history": []}
     last_weights = run.epoch_weights(progress["completed_epochs"])
     if resume and progress["completed_epochs"] and not last_weights.is_file():
         raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
                                 f"{run.progress} records, is missing")
 
-    progress.setdefault("average_last", average_last)  # a run folder from before it was recorded takes this run's
-    _check_resume_options(progress, average_last, from_model, run.progress)  # before the data are decoded
+    # a run folder from before these were recorded takes this run's
+    progress.setdefault("average_last", average_last)
+    recipe = {"init": init, "batch_size": batch_size, "schedule": [asdict(p) for p in schedule]}
+    _check_resume_options(progress, recipe, average_last, from_model, run.progress)  # before the data are decoded
+    progress["recipe"] = recipe  # a longer schedule given to a resume is the run's from now on
     train_dir = resolve_split(data_dir, "train")
     items, unused = list_training(train_dir)
     if unused:
@@ -376,8 +382,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     log(f"training on {len(train_items)} images, validating on {len(val_items)} "
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
 
-    model = build_model(None, init=init, imagenet_weights=imagenet_weights, seed=seed)
-    if resume and progress["completed_epochs"]:
+    resuming = resume and progress["completed_epochs"]
+    # a resume takes every weight from its checkpoint: the ImageNet file is not read again
+    model = build_model(None, init="random" if resuming else init, imagenet_weights=imagenet_weights, seed=seed)
+    if resuming:
         try:
             model.load_weights(last_weights)
         except Exception as exc:  # h5py and Keras raise many types for a damaged file
@@ -548,14 +556,24 @@ def _names_digest(items: list[LabelledImage], folder: Path) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _check_resume_options(progress: dict, average_last: int, from_model: Path | None, progress_file: Path) -> None:
+def _check_resume_options(progress: dict, recipe: dict, average_last: int, from_model: Path | None,
+                          progress_file: Path) -> None:
     """A resume continues its run.  Without the run's --average-last it would save one epoch instead
     of the mean it was training for (with one added, the epochs to average are gone), and a start
     model other than the run's would be recorded as the start of weights that never came from it.
+    Another --init, --batch-size or schedule (--frozen-epochs included) would train the remaining
+    epochs otherwise than the metadata says, and could skip phases or unfreeze a frozen backbone.
     Leaving --from-model out is fine (the weights come from the checkpoint), and so are a longer
-    final phase and another --patience."""
+    final phase, phases added after it, and another --patience."""
     recorded = progress["average_last"]
     differing = [f"--average-last {recorded} (this run: {average_last})"] if recorded != average_last else []
+    run_recipe = progress.get("recipe", recipe)
+    if progress["completed_epochs"]:
+        for key, option in (("init", "--init"), ("batch_size", "--batch-size")):
+            if run_recipe[key] != recipe[key]:
+                differing.append(f"{option} {run_recipe[key]} (this run: {recipe[key]})")
+        if not _extends(recipe["schedule"], run_recipe["schedule"]):
+            differing.append(f"--schedule {_shown(run_recipe['schedule'])} (this run: {_shown(recipe['schedule'])})")
     started = progress.get("started_from")
     if progress["completed_epochs"] and from_model is not None and (
             started is None or started["sha256"] != sha256_of(from_model)):
@@ -563,6 +581,23 @@ def _check_resume_options(progress: dict, average_last: int, from_model: Path | 
     if differing:
         raise OptionError(f"cannot resume: {progress_file} records a run with {'; '.join(differing)}. A "
                           "resume continues that run: give its options, or start afresh in another --run-dir")
+
+
+def _extends(schedule: list[dict], recorded: list[dict]) -> bool:
+    """Whether ``schedule`` is the ``recorded`` one, with its final phase as long or longer and
+    perhaps more phases after it."""
+    if len(schedule) < len(recorded):
+        return False
+    *same, last = recorded
+    given = schedule[len(recorded) - 1]
+    return schedule[:len(same)] == same and given["epochs"] >= last["epochs"] and \
+        {**given, "epochs": 0} == {**last, "epochs": 0}
+
+
+def _shown(schedule: list[dict]) -> str:
+    """A schedule as --schedule spells it; a frozen-backbone phase (--frozen-epochs) marked."""
+    return ",".join(f"{p['size']}:{p['epochs']}:{p['learning_rate']:g}" + (" (frozen)" if p["frozen_backbone"] else "")
+                    for p in schedule)
 
 
 def _check_resume_split(recorded: dict, split: dict, progress_file: Path) -> None:

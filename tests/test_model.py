@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,7 @@ def test_epochs_run_counts_the_epochs_trained_when_an_earlier_phase_stopped_earl
     worse = dict(first, epoch=2, val_loss=first["val_loss"] + 1.0)  # the epoch after which it stopped
     progress["history"] = [first, worse, dict(last, epoch=4)]
     progress["completed_epochs"] = 4
+    progress["recipe"]["schedule"] = [asdict(p) for p in parse_schedule("32:3,224:1")]
     (run_dir / "progress.json").write_text(json.dumps(progress))
     (run_dir / "epoch-002.weights.h5").rename(run_dir / "epoch-004.weights.h5")
     resumed = tmp_path / "resumed.keras"
@@ -931,6 +933,66 @@ def test_a_resume_keeps_its_weight_averaging_and_start_model(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other.keras", "run"]
 
 
+def test_a_resume_keeps_its_recipe_and_a_resume_needs_a_run(tmp_path):
+    """A resume with another --init, --batch-size or schedule would train the rest of the run
+    otherwise than its metadata says (phases skipped, a frozen backbone unfrozen); only a longer
+    schedule is taken.  A --resume that finds no run (run from another folder, the default run
+    folder is relative) is refused rather than starting afresh and replacing --out hours later."""
+    data = small_labelled_folder(tmp_path / "data", 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    schedule = [{"size": 96, "epochs": 1, "learning_rate": 0.001, "frozen_backbone": True},
+                {"size": 96, "epochs": 2, "learning_rate": 0.001, "frozen_backbone": False},
+                {"size": 224, "epochs": 1, "learning_rate": 0.0001, "frozen_backbone": False}]
+    recipe = {"init": "imagenet", "batch_size": 16, "schedule": schedule}
+    (run_dir / "progress.json").write_text(json.dumps({"completed_epochs": 1, "history": [], "recipe": recipe}))
+    (run_dir / "epoch-001.weights.h5").write_bytes(b"one epoch of training")
+    (tmp_path / "imagenet.h5").write_bytes(b"imagenet weights")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+    def resume(*options, run=run_dir):
+        return subprocess.run([sys.executable, "-m", "pneumonia_batch", "train", str(data), "--out",
+                               str(tmp_path / "m.keras"), "--run-dir", str(run), "--resume", "--val-fraction",
+                               "0.5", *map(str, options)], capture_output=True, text=True, cwd=ROOT)
+
+    imagenet = ("--init", "imagenet", "--imagenet-weights", tmp_path / "imagenet.h5", "--frozen-epochs", 1)
+    result = resume("--schedule", "96:2:1e-3,224:1:1e-4")  # the frozen ImageNet epoch forgotten
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"cannot resume: {run_dir / 'progress.json'} records a run with --init imagenet (this run: random); "
+            "--schedule 96:1:0.001 (frozen),96:2:0.001,224:1:0.0001 (this run: 96:2:0.001,224:1:0.0001)") \
+        in result.stderr
+    result = resume("--schedule", "96:2:1e-3,224:1:1e-4", "--batch-size", 8, *imagenet)
+    assert result.returncode == 2 and "records a run with --batch-size 16 (this run: 8). A resume" in result.stderr
+    result = resume("--schedule", "128:2:1e-3,224:1:1e-4", *imagenet)
+    assert result.returncode == 2 and "--schedule 96:1:0.001 (frozen),96:2:0.001,224:1:0.0001 (this run: " \
+        "128:1:0.001 (frozen),128:2:0.001,224:1:0.0001)" in result.stderr
+    assert "training on" not in result.stderr  # refused before the data were read
+    result = resume("--schedule", "96:2:1e-3,224:3:1e-4,224:2:1e-5", *imagenet)  # longer, and a phase more
+    assert result.returncode == 1 and f"cannot resume: {run_dir / 'epoch-001.weights.h5'} is damaged" \
+        in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+    result = resume("--schedule", "96:2:1e-3,224:1:1e-4", run=tmp_path / "elsewhere")
+    assert result.returncode == 2 and f"--resume: {tmp_path / 'elsewhere' / 'progress.json'} does not exist" \
+        in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "imagenet.h5", "run"]
+
+
+def test_a_schedule_extends_another_only_by_lengthening_its_end():
+    from pneumonia_batch.train import _extends
+
+    def phases(*spec):
+        return [asdict(Phase(*p)) for p in spec]
+
+    recorded = phases((96, 2, 1e-3), (224, 2, 1e-4))
+    assert _extends(recorded, recorded) and _extends(phases((96, 2, 1e-3), (224, 4, 1e-4)), recorded)
+    assert _extends(phases((96, 2, 1e-3), (224, 2, 1e-4), (224, 1, 1e-5)), recorded)
+    assert not _extends(phases((96, 2, 1e-3), (224, 1, 1e-4)), recorded)  # shorter
+    assert not _extends(phases((96, 3, 1e-3), (224, 2, 1e-4)), recorded)  # an earlier phase longer
+    assert not _extends(phases((96, 2, 1e-3), (224, 2, 1e-5)), recorded)  # another learning rate
+    assert not _extends(phases((96, 2, 1e-3)), recorded)
+
+
 def small_labelled_folder(folder: Path, patients: int) -> Path:
     jpeg = ROOT / "examples" / "studies" / "paediatric-normal" / "NORMAL2-IM-1427-0001.jpeg"
     for n in range(patients):
@@ -1097,6 +1159,7 @@ def test_a_training_file_gone_after_an_early_stop_names_the_epoch_it_stopped_in(
     progress = json.loads((run_dir / "progress.json").read_text())
     first = progress["history"][0]
     progress["history"] = [first, dict(first, epoch=2, val_loss=first["val_loss"] + 1.0)]  # no better: stop
+    progress["recipe"]["schedule"] = [asdict(p) for p in parse_schedule("32:3,224:1")]
     (run_dir / "progress.json").write_text(json.dumps(progress))
 
     def removing_the_images_as_epoch_4_starts(line):
