@@ -39,7 +39,7 @@ from . import __version__
 from .atomic import cannot_write_in, fsync_path, save_atomic, write_atomic, write_json_atomic
 from .dataset import (VALIDATION_SPLIT, LabelledImage, list_training, patient_of, recorded_split,
                       resolve_split, split_by_patient, training_patients)
-from .discover import count_reasons
+from .discover import count_reasons, readable
 from .model import (CLASS_NAMES, INPUT_SIZE, PNEUMONIA_INDEX, backbone_of, build_model, import_quietly,
                     metadata_path, read_only, sha256_of)
 from .preprocess import model_input_from_file
@@ -102,6 +102,9 @@ class Phase:
     epochs: int
     learning_rate: float
     frozen_backbone: bool = False
+
+
+UNUSED_NAMED = 20  # files not used that the log names; a folder of DICOMs has thousands
 
 
 def parse_schedule(text: str) -> list[Phase]:
@@ -365,6 +368,10 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     items, unused = list_training(train_dir)
     if unused:
         log(f"{len(unused)} files under {train_dir} not used: {count_reasons(u.reason for u in unused)}")
+        for item in unused[:UNUSED_NAMED]:
+            log(f"  {readable(str(Path(item.path).relative_to(train_dir)))}: {item.reason}")
+        if len(unused) > UNUSED_NAMED:
+            log(f"  and {len(unused) - UNUSED_NAMED} more")
     train_items, val_items = split_by_patient(items, val_fraction, seed)
     _require_both_classes(items, train_items, val_fraction)
     if limit:  # tiny runs for tests and smoke checks

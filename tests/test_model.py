@@ -128,9 +128,10 @@ def test_undecodable_training_images_are_left_out_and_reported(tmp_path):
     with untraced_steps():
         train(data, out, parse_schedule("224:1"), batch_size=2, val_fraction=0.5, run_dir=tmp_path / "run",
               log=logged.append)
-    assert logged[0] == (f"1 files under {data} not used: error: OSError: image file is truncated "
-                         "(3 bytes not processed) (1)")
-    assert logged[1].startswith("training on 2 images, validating on 2 (2 patients held out)")
+    reason = "error: OSError: image file is truncated (3 bytes not processed)"
+    assert logged[:2] == [f"1 files under {data} not used: {reason} (1)",
+                          f"  PNEUMONIA/person1_bacteria_1.jpeg: {reason}"]
+    assert logged[2].startswith("training on 2 images, validating on 2 (2 patients held out)")
     saved = json.loads(metadata_path(out).read_text())
     assert (saved["training"]["n_train"], saved["validation"]["n_images"]) == (2, 2)
 
