@@ -98,8 +98,10 @@ def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]
     except MemoryError:
         return None, "", "out of memory while decoding"
     except Exception as exc:  # any codec or parser failure becomes the file's error row
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return None, "", f"{type(exc).__name__}: {message}"[:300]
+        # pydicom names each codec's own failure on a line of its own: they are what tells a user why
+        first, *codecs = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        message = " ".join([first, "; ".join(codecs)]) if codecs else first
+        return None, "", f"{type(exc).__name__}: {message}"[:500]
 
 
 # The longest one file may take to decode.  The slowest real file measured here, a 4 MB JPEG 2000 CR,
