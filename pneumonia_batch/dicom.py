@@ -20,14 +20,12 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from .preprocess import luminance, own_range
 
-# Image SOP classes a chest radiograph arrives as (PS3.4 B.5).
+# The radiograph SOP classes (PS3.4 B.5), whose class says what their Modality would.
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+RADIOGRAPH_SOP_CLASSES = {CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SOP_CLASSES = {CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE,
-               "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
-               "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"}
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 CHEST_MODALITIES = {"CR", "DX"}
 # BodyPartExamined is free text in practice; these are the chest spellings seen in archives.
@@ -129,6 +127,13 @@ def read_header(path: Path) -> DicomHeader:
     )
 
 
+def is_image_sop_class(uid: str) -> bool:
+    """An image storage SOP class, as the standard names them (PS3.6 Annex A): not a report,
+    presentation state, segmentation, dose grid, waveform or document."""
+    # the dictionary itself: making a UID of a malformed value would print pydicom's warning
+    return "Image Storage" in pydicom.uid.UID_dictionary.get(uid, ("",))[0]
+
+
 def skip_reason(header: DicomHeader) -> str | None:
     """Why a DICOM instance is not a frontal chest radiograph, or None if it may be one.
 
@@ -137,10 +142,11 @@ def skip_reason(header: DicomHeader) -> str | None:
     """
     if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
         return "dicomdir"
-    if header.sop_class_uid not in SOP_CLASSES:
+    if not is_image_sop_class(header.sop_class_uid):
         return "not_an_image_sop_class"
-    # A CR or DX SOP class says what the Modality would; Secondary Capture needs it said.
-    implied = header.sop_class_uid in (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+    # A CR or DX SOP class says what the Modality would; any other image (a secondary capture, a
+    # CT) needs it said: a CT, MR or ultrasound image is skipped for its Modality, like an OT one.
+    implied = header.sop_class_uid in RADIOGRAPH_SOP_CLASSES
     if header.modality not in CHEST_MODALITIES and not (implied and not header.modality):
         return f"modality_{header.modality.lower() or 'missing'}"
     if header.body_part and header.body_part not in CHEST_BODY_PARTS:

@@ -257,6 +257,8 @@ HEADER_CASES = [
     (dict(modality="OT", sop_class=dicom.SECONDARY_CAPTURE), "modality_ot"),
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.88.11"), "not_an_image_sop_class"),
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.11.1"), "not_an_image_sop_class"),  # presentation state
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.3.1", modality="US"), "modality_us"),  # an image, not a radiograph
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.66.4", modality="SEG"), "not_an_image_sop_class"),
 ]
 
 

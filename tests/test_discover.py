@@ -87,9 +87,14 @@ def test_same_instance_twice_keeps_the_lossless_copy(tmp_path):
 def test_header_filter_can_be_turned_off_but_not_for_non_images(tmp_path):
     save(make_dataset(PIXELS, view="LL"), tmp_path / "lateral.dcm")
     save(make_dataset(PIXELS, sop_class="1.2.840.10008.5.1.4.1.1.88.11"), tmp_path / "sr.dcm")
-    assert found(tmp_path)["lateral.dcm"].reason == "not_frontal_view"
+    save(make_dataset(PIXELS, sop_class="1.2.840.10008.5.1.4.1.1.2", modality="CT"), tmp_path / "ct.dcm")
+    save(make_dataset(PIXELS, sop_class="1.2.840.10008.5.1.4.1.1.2", modality="DX"), tmp_path / "ct-as-dx.dcm")
+    filtered = found(tmp_path)
+    assert filtered["lateral.dcm"].reason == "not_frontal_view"
+    assert filtered["ct.dcm"].reason == "modality_ct"  # an image, skipped for what it shows
+    assert filtered["ct-as-dx.dcm"].status == "pending"  # an image whose Modality says DX, as a secondary capture may
     unfiltered = found(tmp_path, header_filter=False)
-    assert unfiltered["lateral.dcm"].status == "pending"
+    assert unfiltered["lateral.dcm"].status == unfiltered["ct.dcm"].status == "pending"
     assert unfiltered["sr.dcm"].reason == "not_an_image_sop_class"
 
 
