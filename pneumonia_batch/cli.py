@@ -128,9 +128,9 @@ def main() -> None:
               help="Progressive resizing: comma-separated size:epochs:learning-rate, ending at 224.")
 @click.option("--init", type=click.Choice(["random", "imagenet"]), default="random", show_default=True,
               help="Backbone start: from scratch, or ImageNet weights from --imagenet-weights.")
-@click.option("--imagenet-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--imagenet-weights", type=click.Path(dir_okay=False, path_type=Path),
               help="Keras DenseNet-121 no-top ImageNet weight file "
-                   "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5).")
+                   "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5); a resume does not need it.")
 @click.option("--frozen-epochs", type=click.IntRange(min=0), show_default="2 with --init imagenet",
               help="With --init imagenet: epochs training the head on a frozen backbone first.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))

@@ -149,8 +149,11 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
                          "of the schedule's final phase")
     if from_model is not None and init != "random":
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
-    if init == "imagenet" and imagenet_weights is None:
-        raise ValueError("--init imagenet needs --imagenet-weights: the weights cannot be downloaded here")
+    progress = run_folder_path(out, run_dir) / "progress.json"
+    continuing = resume and progress.is_file()  # the weights come from the run's checkpoint
+    if init == "imagenet" and not continuing and (imagenet_weights is None or not Path(imagenet_weights).is_file()):
+        raise ValueError("--init imagenet needs --imagenet-weights naming the Keras DenseNet-121 no-top weight "
+                         "file: the weights cannot be downloaded here")
     if init != "imagenet" and (imagenet_weights is not None or frozen_epochs is not None):
         # else a user who forgot --init imagenet would train from scratch for hours, unawares
         raise ValueError("--imagenet-weights and --frozen-epochs go with --init imagenet; this run would "
@@ -159,7 +162,6 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
         raise ValueError(f"--out {out}: the model file name must end in .keras (or .h5)")
     if read_only(out) or read_only(metadata_path(out)):
         raise ValueError(f"--out {out}: that model or its metadata is read-only")
-    progress = run_folder_path(out, run_dir) / "progress.json"
     for option, path in (("--out", out), ("--out", metadata_path(out)), ("--run-dir", progress)):
         _check_writable(option, path)
     start = Path(from_model).resolve().with_suffix("") if from_model is not None else None
@@ -442,8 +444,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
                       initial_epoch=first_epoch, epochs=epoch_end, callbacks=callbacks)
         except tf.errors.OpError as exc:  # a file removed, or no longer decoding, since it was listed
             failed_epoch = max(progress["completed_epochs"], first_epoch) + 1
-            raise ValueError(f"training stopped in epoch {failed_epoch}: {_cause(exc)} "
-                             "(the epochs before it are kept: restore the file, then --resume)") from exc
+            way_on = ("the epochs before it are kept: restore the file, then --resume" if progress["completed_epochs"]
+                      else "no epoch had finished: restore the file, then run the same command without --resume")
+            raise ValueError(f"training stopped in epoch {failed_epoch}: {_cause(exc)} ({way_on})") from exc
         epoch_start = epoch_end
 
     final = build_model(INPUT_SIZE, init="random", seed=seed)

@@ -577,6 +577,7 @@ def test_imagenet_options_without_imagenet_init_are_refused(given, tmp_path):
                    average_last=0, run_dir=tmp_path / "run", resume=False)
     with pytest.raises(ValueError, match="go with --init imagenet; this run would start from random weights"):
         check_options(parse_schedule("96:2,224:1"), **{**options, **given})
+    (tmp_path / "w.h5").write_bytes(b"weights")
     check_options(parse_schedule("96:2,224:1"), **{**options, **given, "init": "imagenet",
                                                     "imagenet_weights": tmp_path / "w.h5"})
 
@@ -697,6 +698,7 @@ def test_batchnorm_statistics_become_means_over_the_data():
     (["--from-model", "weights/densenet121_pneumonia.keras", "--out", "weights/densenet121_pneumonia.keras"],
      "would overwrite the --from-model model"),
     (["--init", "imagenet"], "needs --imagenet-weights"),
+    (["--init", "imagenet", "--imagenet-weights", "no-such-file.h5"], "needs --imagenet-weights naming"),
     (["--from-model", "weights/densenet121_pneumonia.keras", "--frozen-epochs", "1"],
      "go with --init imagenet; this run would start from --from-model"),
     (["--out", "pneumonia_v2"], "must end in .keras"),
@@ -968,9 +970,10 @@ def test_a_resume_keeps_its_recipe_and_a_resume_needs_a_run(tmp_path):
     assert result.returncode == 2 and "--schedule 96:1:0.001 (frozen),96:2:0.001,224:1:0.0001 (this run: " \
         "128:1:0.001 (frozen),128:2:0.001,224:1:0.0001)" in result.stderr
     assert "training on" not in result.stderr  # refused before the data were read
-    result = resume("--schedule", "96:2:1e-3,224:3:1e-4,224:2:1e-5", *imagenet)  # longer, and a phase more
-    assert result.returncode == 1 and f"cannot resume: {run_dir / 'epoch-001.weights.h5'} is damaged" \
-        in result.stderr, result.stderr
+    for weights in (imagenet, imagenet[:2] + imagenet[4:]):  # the ImageNet file is not needed to resume
+        result = resume("--schedule", "96:2:1e-3,224:3:1e-4,224:2:1e-5", *weights)  # longer, and a phase more
+        assert result.returncode == 1 and f"cannot resume: {run_dir / 'epoch-001.weights.h5'} is damaged" \
+            in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
     result = resume("--schedule", "96:2:1e-3,224:1:1e-4", run=tmp_path / "elsewhere")
@@ -1174,6 +1177,25 @@ def test_a_training_file_gone_after_an_early_stop_names_the_epoch_it_stopped_in(
               run_dir=run_dir, resume=True, patience=1, log=removing_the_images_as_epoch_4_starts)
     assert json.loads((run_dir / "progress.json").read_text()) == progress
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_a_training_file_gone_in_the_first_epoch_says_to_start_again_not_to_resume(tmp_path):
+    """No epoch finished, so there is no run to resume: the message says to run the command again."""
+    from pneumonia_batch.train import train
+
+    data = small_labelled_folder(tmp_path / "data", 4)
+
+    def removing_the_images_as_epoch_1_starts(line):
+        if line.startswith("phase 1/1"):
+            for image in data.glob("*/*.jpeg"):
+                image.unlink()
+
+    with untraced_steps(), pytest.raises(ValueError, match=r"^training stopped in epoch 1: .*\(no epoch had "
+                                                           r"finished: restore the file, then run the same "
+                                                           r"command without --resume\)$"):
+        train(data, tmp_path / "m.keras", parse_schedule("224:1"), batch_size=2, val_fraction=0.5,
+              run_dir=tmp_path / "run", log=removing_the_images_as_epoch_1_starts)
+    assert not (tmp_path / "run" / "progress.json").exists()
 
 
 def test_native_lines_held_back_reach_stderr_all_but_the_notices_even_on_an_abort():
