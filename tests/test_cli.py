@@ -116,6 +116,8 @@ def test_messy_folder_gives_a_row_for_every_file_and_no_crash(messy, tmp_path):
     assert "truncated" in images["dicom/deep/truncated.dcm"]["reason"]
     # the codec's own words, not only pydicom's first line
     assert "plugins: pylibjpeg: " in images["dicom/jpeg12bit.dcm"]["reason"]
+    assert images["dicom/jpeg12bit.dcm"]["reason"].endswith(
+        "; pillow: Pillow does not support 'JPEG Extended' for samples with 12-bit precision")
     assert images["empty.dcm"]["reason"] == "empty file"
     assert images["notes.txt"]["reason"] == "not_an_image"
     assert images["broken.png"]["status"] == "error"

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from pneumonia_batch.dataset import (TRAINING_KINDS, list_labelled, list_training, rebuild_validation_split,
-                                     resolve_split, split_by_patient, training_patients)
+from pneumonia_batch.dataset import (TRAINING_KINDS, class_folder_holding, list_labelled, list_training,
+                                     rebuild_validation_split, resolve_split, split_by_patient, training_patients)
 from pneumonia_batch.discover import count_reasons
 from tests.dicom_factory import EXAMPLES, chest_pixels, make_dataset, save
 
@@ -120,6 +120,20 @@ def test_class_folders_are_found_whatever_their_case(tmp_path):
         (tmp_path / folder / "x.jpeg").write_bytes(NORMAL_JPEG.read_bytes())
     items, _ = list_labelled(tmp_path)
     assert sorted((i.path.parent.name, i.label) for i in items) == [("Pneumonia", 1), ("normal", 0)]
+
+
+def test_an_output_in_a_class_folder_existing_or_not_is_found(tmp_path):
+    """Plots written there would be read as X-rays of that class: in DATA/CLASS or DATA/split/CLASS,
+    in any case, named through a link or not; deeper class-like names are nobody's class folder."""
+    data = tmp_path / "data"
+    (data / "test" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(data)
+    assert class_folder_holding(data / "NORMAL" / "ev", data) == data / "NORMAL"
+    assert class_folder_holding(data / "test" / "normal" / "ev", data) == data / "test" / "normal"
+    assert class_folder_holding(tmp_path / "alias" / "pneumonia" / "ev", data) == data / "pneumonia"
+    assert class_folder_holding(data / "reports" / "x" / "normal" / "ev", data) is None
+    assert class_folder_holding(data / "evaluation", data) is None
+    assert class_folder_holding(tmp_path / "normal" / "ev", data) is None  # beside DATA_DIR
 
 
 def test_a_missing_split_is_named(tmp_path):

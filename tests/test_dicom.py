@@ -258,6 +258,7 @@ HEADER_CASES = [
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.88.11"), "not_an_image_sop_class"),
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.11.1"), "not_an_image_sop_class"),  # presentation state
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.3.1", modality="US"), "modality_us"),  # an image, not a radiograph
+    (dict(modality="", sop_class="1.2.840.10008.5.1.4.1.1.7.4"), "modality_missing"),  # any secondary capture
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.66.4", modality="SEG"), "not_an_image_sop_class"),
 ]
 
@@ -266,6 +267,15 @@ HEADER_CASES = [
 def test_header_eligibility(tmp_path, fields, reason):
     path = save(make_dataset(np.zeros((8, 8), np.uint16), **fields), tmp_path / "h.dcm")
     assert dicom.skip_reason(dicom.read_header(path)) == reason
+
+
+def test_only_a_dicomdir_may_lack_every_identifying_element(tmp_path):
+    """A file meta naming an image class does not make a header without any image identifier readable."""
+    ds = make_dataset(np.zeros((8, 8), np.uint16), sop_class=dicom.CR_IMAGE)
+    for keyword in ("SOPClassUID", "StudyInstanceUID", "Modality", "PatientID"):
+        delattr(ds, keyword)
+    with pytest.raises(pydicom.errors.InvalidDicomError, match="no DICOM identifying elements"):
+        dicom.read_header(save(ds, tmp_path / "anonymous.dcm"))
 
 
 def test_structured_report_from_pydicom_is_skipped():

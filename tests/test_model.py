@@ -136,6 +136,20 @@ def test_undecodable_training_images_are_left_out_and_reported(tmp_path):
     assert (saved["training"]["n_train"], saved["validation"]["n_images"]) == (2, 2)
 
 
+def test_the_log_names_twenty_files_left_out_and_counts_the_rest(tmp_path):
+    from pneumonia_batch.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "examples" / "studies" / "paediatric-normal", data / "NORMAL")
+    for n in range(22):
+        (data / "NORMAL" / f"notes-{n:02d}.txt").write_text("not an image")
+    logged = []
+    with pytest.raises(ValueError, match="PNEUMONIA"):  # refused for its one class, once listed
+        train(data, tmp_path / "m.keras", parse_schedule("224:1"), run_dir=tmp_path / "run", log=logged.append)
+    assert logged[0] == f"22 files under {data} not used: not_an_image (22)"
+    assert logged[1:] == [f"  NORMAL/notes-{n:02d}.txt: not_an_image" for n in range(20)] + ["  and 2 more"]
+
+
 def test_saved_model_gives_the_in_memory_probabilities(tiny_training):
     from pneumonia_batch.inference import KerasRunner
 
@@ -595,6 +609,20 @@ def test_augmentation_never_flips_and_stays_in_range():
 
     def quadrant(rows, cols):
         return outputs[:, rows, cols].mean(axis=(1, 2, 3))
+
+    seeds = []  # each of the six draws has a seed of its own: one would move rotation, zoom and tone together
+    uniform = tf.random.stateless_uniform
+
+    def recording(shape, seed, *args):
+        seeds.append(tuple(seed.numpy()))
+        return uniform(shape, seed, *args)
+
+    tf.random.stateless_uniform = recording
+    try:
+        random_affine_and_tone(tf.constant(image), tf.constant([7, 0]))
+    finally:
+        tf.random.stateless_uniform = uniform
+    assert len(seeds) == len(set(seeds)) == 6
 
     top_left = quadrant(slice(30, 82), slice(30, 82))
     for other in (quadrant(slice(30, 82), slice(142, 194)), quadrant(slice(142, 194), slice(30, 82))):
