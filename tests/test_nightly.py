@@ -198,8 +198,11 @@ def test_kill_9_mid_run_then_rerun_reports_each_study_once(tmp_path):
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
-        if state.exists() and 0 < len(image_rows(state)) < 24:
-            break
+        try:
+            if state.exists() and 0 < len(image_rows(state)) < 24:
+                break
+        except sqlite3.OperationalError:  # caught between the run creating the file and its tables
+            pass
         time.sleep(0.05)
     workers = process_tree(process.pid)[1:]
     assert workers, "the decode workers were not running"
