@@ -21,6 +21,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -341,8 +342,9 @@ def _thumbnail(path: Path) -> str:
     return THUMBNAIL_PREFIX + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _picture(folder: Path, image) -> str:
-    """One image of a card: its thumbnail linking to the overlay, or a plain link without one."""
+def _picture(folder: Path, image, threshold) -> str:
+    """One image of a card: its thumbnail linking to the overlay, or a plain link without one, and
+    under it the image's own probability (the card shows the study's, its highest)."""
     if not (isinstance(image, dict) and isinstance(image.get("overlay"), str)
             and isinstance(image.get("file"), str) and (folder / image["overlay"]).is_file()):
         return ""
@@ -353,9 +355,21 @@ def _picture(folder: Path, image) -> str:
         except (OSError, ValueError):
             thumbnail = None
     link = f'{html.escape(folder.name)}/{html.escape(image["overlay"])}'
+    caption = _caption(image, threshold)
     if thumbnail is None:
-        return f'<a href="{link}">{html.escape(image["file"])}</a> '
-    return f'<a href="{link}"><img alt="{html.escape(image["file"])}" src="{html.escape(thumbnail)}"></a>'
+        return f'<a href="{link}">{caption}</a> '
+    return (f'<figure><a href="{link}"><img alt="{html.escape(image["file"])}" src="{html.escape(thumbnail)}">'
+            f'</a><figcaption>{caption}</figcaption></figure>')
+
+
+def _caption(image, threshold) -> str:
+    """``file: 0.037 (below threshold)``.  Each heatmap is scaled to its own image's peak, so an
+    image of a flagged study that scored low shows red too: its own probability says how little."""
+    probability = image.get("probability")
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not math.isfinite(probability):
+        return html.escape(image["file"])
+    below = " (below threshold)" if probability < threshold else ""
+    return f'{html.escape(image["file"])}: {probability:.3f}{below}'
 
 
 def _note(image) -> str:
@@ -376,12 +390,15 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #f4f4f4;
 .card h2 {{ margin: 0 0 .4rem; font-size: 1.1rem; }}
 .ids {{ color: #555; font-size: .9rem; }}
 .prob {{ font-weight: bold; color: #a40000; }}
-.images img {{ margin: .4rem .4rem 0 0; border: 1px solid #ccc; max-width: 320px; }}
+.images figure {{ display: inline-block; vertical-align: top; margin: .4rem .4rem 0 0; }}
+.images img {{ border: 1px solid #ccc; max-width: 320px; }}
+.images figcaption {{ font-size: .85rem; color: #555; }}
 .note {{ font-size: .85rem; color: #555; }}
 </style></head><body>
 <h1>Flagged studies ({count})</h1>
 <p class="note">A screening aid, not a diagnosis: the model was trained on paediatric frontal chest
-X-rays from one centre. Heatmaps (Grad-CAM) show where the model looked, not a finding.
+X-rays from one centre. Heatmaps (Grad-CAM) show where the model looked, not a finding; each is
+scaled to its own image, so an image that scored low shows red too: its probability is under it.
 Highest probability first.</p>
 {cards}
 </body></html>
@@ -391,7 +408,7 @@ Highest probability first.</p>
 def render_html(export_dir: Path, results: list[dict]) -> str:
     cards = []
     for r in results:
-        pictures = "".join(_picture(export_dir / r["folder"], i) for i in r["images"])
+        pictures = "".join(_picture(export_dir / r["folder"], i, r["threshold"]) for i in r["images"])
         notes = "".join(_note(i) for i in r["images"])
         cards.append(
             f'<div class="card" data-study="{html.escape(r["study_id"])}">'

@@ -550,6 +550,15 @@ def test_review_page_in_a_real_browser(tmp_path):
         assert page.locator(".card img").count() == sum(int(r["n_scored"]) for r in flagged)
         widths = page.eval_on_selector_all(".card img", "imgs => imgs.map(i => i.naturalWidth)")
         assert all(w > 0 for w in widths)
+        # each image's own probability under it: the card's is its study's highest, and every
+        # heatmap is scaled to its own image, so a low-scoring image of a flagged study shows red too
+        expected = []
+        for folder in sorted(p for p in export.iterdir() if p.is_dir()):
+            result = json.loads((folder / "result.json").read_text())
+            expected += [f"{i['file']}: {i['probability']:.3f}" + (" (below threshold)" if i["probability"] <
+                         result["threshold"] else "") for i in result["images"] if i.get("overlay")]
+        assert sorted(page.locator(".card figcaption").all_inner_texts()) == sorted(expected)
+        assert "NORMAL2-IM-1427-0001.jpeg" in " ".join(expected) and "(below threshold)" in " ".join(expected)
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         browser.close()
     assert errors == []
