@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import signal
+import stat
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ class AuditLog:
 
     def __init__(self, path: Path | None, run_id: str):
         self.path = path
+        self.cut_short = bool(path) and _ends_mid_line(path)  # then our first line starts a new one
         self.handle = open(path, "a", encoding="utf-8") if path else None
         self.run_id = run_id
 
@@ -55,7 +57,8 @@ class AuditLog:
             line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
                     "event": kind, "run_id": self.run_id, **fields}
             try:
-                self.handle.write(json.dumps(line) + "\n")
+                self.handle.write(("\n" if self.cut_short else "") + json.dumps(line) + "\n")
+                self.cut_short = False
                 self.handle.flush()
             except OSError as exc:  # a full disk says only "No space left on device": name the log
                 handle, self.handle = self.handle, None
@@ -66,6 +69,18 @@ class AuditLog:
     def close(self) -> None:
         if self.handle:
             self.handle.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a log file ends part-way through a line, as a disk that filled mid-write leaves it."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or not os.path.getsize(path):  # a device: nothing to read back
+            return False
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def screen(options: ScreenOptions, progress: Callable | None = None,
@@ -86,11 +101,14 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         audit = AuditLog(options.log_file, summary.run_id)
         stack.callback(audit.close)
 
-        def note_interrupt(exc_type, exc, traceback):  # a Ctrl-C ends the run without run_end
+        def note_unfinished(exc_type, exc, traceback):  # a run that ends without run_end says why
             if exc_type is KeyboardInterrupt:
                 audit.event("run_interrupted")
+            elif exc is not None and audit.handle:  # a model, state or disk failure: exit 4
+                with suppress(CannotWrite):  # the log itself may be what failed
+                    audit.event("run_failed", error=" ".join(str(exc).split()))
 
-        stack.push(note_interrupt)
+        stack.push(note_unfinished)
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
 

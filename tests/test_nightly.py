@@ -759,6 +759,25 @@ def test_a_keras_model_the_export_cannot_load_still_leaves_the_report(tmp_path):
     assert [r["status"] for r in rows(tmp_path / "r.csv")] == ["scored"]
 
 
+def test_the_audit_log_outlives_a_line_cut_short_and_says_why_a_run_failed(tmp_path):
+    """A disk that filled mid-line left the last run's line unended: this run's lines start anew.
+    A run stopped by a fatal error (a TFLite file that is not the one pinned: exit 4) says so."""
+    studies = make_studies(tmp_path / "studies", 1)
+    log = tmp_path / "audit.jsonl"
+    cut_short = '{"time": "2026-11-23T01:30:09.000+00:00", "event": "run_end", "counts": {"flagged": '
+    log.write_text(cut_short)
+    model = model_copy(tmp_path, b"a model file")
+    with open(tmp_path / "m.tflite", "ab") as handle:
+        handle.write(b"\0")
+    result = run(studies, "--out", tmp_path / "r.csv", "--model", model, "--log-file", log)
+    assert result.returncode == 4 and "m.tflite does not match the sha256" in result.stderr, result.stderr
+    first, *lines = log.read_text().splitlines()
+    assert first == cut_short
+    events = [json.loads(line) for line in lines]
+    assert [e["event"] for e in events] == ["run_start", "run_failed"]
+    assert events[-1]["error"] == "m.tflite does not match the sha256 recorded in the model's metadata"
+
+
 def test_an_export_copy_stopped_half_way_leaves_no_truncated_file(tmp_path, monkeypatch):
     from pneumonia_batch import export
 
