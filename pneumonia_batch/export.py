@@ -177,7 +177,10 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     model = None
     for study, record in flagged:
         folder = _inside(export_dir, export_dir / study_folder_name(record, real_root))
-        folder.mkdir(exist_ok=True)
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:  # stops the export: name the study, its folder's name is partly a hash
+            raise OSError(f"study {record['study_id']}: cannot make {folder}: {exc.strerror or exc}") from exc
         earlier = _earlier_images(folder)
         known_thumbnails = {image["overlay"]: thumbnail for image in earlier
                             if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}

@@ -186,8 +186,8 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
                 summary.export_error = exported.problem()
                 unexported = list(exported.incomplete)
             except (OSError, ValueError, ModelError) as exc:  # the report matters more: write it regardless
-                summary.export_error = str(exc)
                 unexported = [r["study_key"] for r in records if r["flagged"]]
+                summary.export_error = f"{exc} ({len(unexported)} flagged studies of this run not exported)"
             if summary.export_error:
                 audit.event("export_failed", error=summary.export_error)
             summary.timings["export_s"] = round(time.perf_counter() - exporting, 3)

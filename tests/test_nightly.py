@@ -731,7 +731,8 @@ def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_repo
     folder.write_text("not a folder")
     result = run(studies, "--out", tmp_path / "r2.csv", "--threshold", "0", "--export-flagged", export)
     assert result.returncode == 1
-    assert "review export failed" in result.stderr.splitlines()[-1]
+    assert (f"review export failed: study child000: cannot make {folder}: File exists (1 flagged studies of "
+            "this run not exported)") in result.stderr.splitlines()[-1]  # the study, not only its folder's hash
     assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
     assert folder.read_text() == "not a folder"
 
@@ -807,6 +808,7 @@ def test_flagged_studies_a_failed_export_missed_are_exported_by_the_next_run(tmp
     args = ["--state", state, "--threshold", "0", "--export-flagged", blocker / "review"]
     first = run(studies, "--out", tmp_path / "r1.csv", *args)
     assert first.returncode == 1 and "review export failed" in first.stderr
+    assert "(2 flagged studies of this run not exported)" in first.stderr
     assert [r["flagged"] for r in rows(tmp_path / "r1.csv")] == ["true", "true"]
     blocker.unlink()
     blocker.mkdir()
