@@ -18,6 +18,11 @@ from . import dicom, images
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
 
 
+def one_line(text: str) -> str:
+    """An error as one line of a report, result.json, audit event or run summary (Keras's span many)."""
+    return " ".join(text.split())
+
+
 def readable(text: str) -> str:
     """``text`` with the undecodable bytes of a file name written as ``\\xNN``.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import same_file, write_atomic, write_json_atomic
-from .discover import Study, readable
+from .discover import Study, one_line, readable
 from .model import ModelError, ModelInfo
 from .report import csv_text
 
@@ -298,11 +298,6 @@ def _still_exported(image: dict, folder: Path) -> bool:
             and isinstance(name, str) and name == Path(name).name
             and not name.startswith(".") and _is_export_file(folder / name)
             and (probability is None or (type(probability) in (int, float) and 0 <= probability <= 1)))
-
-
-def one_line(text: str) -> str:
-    """An error as one line of result.json and of the run's summary (Keras's messages span many)."""
-    return " ".join(text.split())
 
 
 def _is_listable(result) -> bool:

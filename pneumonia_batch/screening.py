@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import os
 import signal
-import stat
 import threading
 import time
 import uuid
@@ -74,7 +73,7 @@ class AuditLog:
 def _ends_mid_line(path: Path) -> bool:
     """Whether a log file ends part-way through a line, as a disk that filled mid-write leaves it."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) or not os.path.getsize(path):  # a device: nothing to read back
+        if not os.path.getsize(path):  # empty, or a device or FIFO: nothing to read back (nor block on)
             return False
         with open(path, "rb") as handle:
             handle.seek(-1, os.SEEK_END)
@@ -104,9 +103,9 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         def note_unfinished(exc_type, exc, traceback):  # a run that ends without run_end says why
             if exc_type is KeyboardInterrupt:
                 audit.event("run_interrupted")
-            elif exc is not None and audit.handle:  # a model, state or disk failure: exit 4
+            elif exc is not None:  # a model, state or disk failure: exit 4
                 with suppress(CannotWrite):  # the log itself may be what failed
-                    audit.event("run_failed", error=" ".join(str(exc).split()))
+                    audit.event("run_failed", error=discover.one_line(str(exc)))
 
         stack.push(note_unfinished)
         audit.event("run_start", directory=str(options.directory), model=str(info.path),

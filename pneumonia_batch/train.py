@@ -150,8 +150,15 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
     if from_model is not None and init != "random":
         raise ValueError("--from-model takes its weights from that model; leave --init at random")
     progress = run_folder_path(out, run_dir) / "progress.json"
-    continuing = resume and progress.is_file()  # the weights come from the run's checkpoint
-    if init == "imagenet" and not continuing and (imagenet_weights is None or not Path(imagenet_weights).is_file()):
+    if not resume and progress.is_file():  # a forgotten --resume must not wipe hours of training
+        raise ValueError(f"{progress.parent} holds an earlier run: --resume continues it; to start afresh, "
+                         "remove that folder or give another --run-dir")
+    if resume and not progress.is_file():  # run from another folder, the default runs/ is another one
+        raise ValueError(f"--resume: {progress} does not exist, so there is no run to continue there; "
+                         "give the run's --run-dir (the default is relative to the current folder), or "
+                         "leave out --resume to start a new run")
+    # a resume takes its weights from the run's checkpoint
+    if init == "imagenet" and not resume and (imagenet_weights is None or not Path(imagenet_weights).is_file()):
         raise ValueError("--init imagenet needs --imagenet-weights naming the Keras DenseNet-121 no-top weight "
                          "file: the weights cannot be downloaded here")
     if init != "imagenet" and (imagenet_weights is not None or frozen_epochs is not None):
@@ -168,13 +175,6 @@ def check_options(schedule: list[Phase], *, init: str, imagenet_weights: Path | 
     if start == Path(out).resolve().with_suffix(""):  # the start model and its history must survive the run
         raise ValueError("--out would overwrite the --from-model model and its history; write the "
                          "fine-tuned model elsewhere")
-    if not resume and progress.is_file():  # a forgotten --resume must not wipe hours of training
-        raise ValueError(f"{progress.parent} holds an earlier run: --resume continues it; to start afresh, "
-                         "remove that folder or give another --run-dir")
-    if resume and not progress.is_file():  # run from another folder, the default runs/ is another one
-        raise ValueError(f"--resume: {progress} does not exist, so there is no run to continue there; "
-                         "give the run's --run-dir (the default is relative to the current folder), or "
-                         "leave out --resume to start a new run")
 
 
 def _check_writable(option: str, path: Path) -> None:
@@ -356,8 +356,9 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     out = Path(out)
     run = _RunFolder(run_folder_path(out, run_dir))
     progress = run.load_progress() if resume else {"completed_epochs": 0, "history": []}
+    resuming = resume and progress["completed_epochs"]  # else a run folder whose first epoch never finished
     last_weights = run.epoch_weights(progress["completed_epochs"])
-    if resume and progress["completed_epochs"] and not last_weights.is_file():
+    if resuming and not last_weights.is_file():
         raise FileNotFoundError(f"cannot resume: {last_weights}, the weights of the last epoch that "
                                 f"{run.progress} records, is missing")
 
@@ -391,7 +392,6 @@ def train(data_dir: Path, out: Path, schedule: list[Phase], *, init: str = "rand
     log(f"training on {len(train_items)} images, validating on {len(val_items)} "
         f"({len({patient_of(i.path) for i in val_items})} patients held out); class weights {weights}")
 
-    resuming = resume and progress["completed_epochs"]
     # a resume takes every weight from its checkpoint: the ImageNet file is not read again
     model = build_model(None, init="random" if resuming else init, imagenet_weights=imagenet_weights, seed=seed)
     if resuming:
