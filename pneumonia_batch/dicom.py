@@ -18,7 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .preprocess import luminance, own_range
+from .preprocess import MAX_PIXELS, luminance, own_range, too_large
 
 # The radiograph SOP classes (PS3.4 B.5), whose class says what their Modality would.
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -205,6 +205,8 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     """Stored values of one frame -> presentation values in [0, 1], float32."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":  # white is the palette's brightest entry, not the image's
+        if "RedPaletteColorLookupTableDescriptor" not in ds:
+            raise ValueError("PALETTE COLOR image without its palette (no Red Palette Color Lookup Table Descriptor)")
         entries, first, _ = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
         palette = pydicom.pixels.apply_color_lut(np.arange(first, first + (entries or 1 << 16)), ds)
         rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float32)
@@ -242,11 +244,20 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     return np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def check_pixel_data_length(ds) -> None:
-    """Uncompressed pixel data shorter than its header promises is truncated."""
+def check_pixel_data(ds) -> None:
+    """Refuse, before decoding, pixel data that is missing, described by values no decoder can use,
+    too large to decode safely, or (uncompressed) shorter than its header promises."""
     uid = ds.file_meta.TransferSyntaxUID
-    if "PixelData" not in ds:
-        raise ValueError("no pixel data")
+    if not ds.get("PixelData"):  # absent, or sent empty
+        floats = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        raise ValueError(f"no pixel data (only {floats[0]}, which is not a radiograph's)" if floats
+                         else "no pixel data")
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and not str(frames).strip().isdigit():
+        raise ValueError(f"NumberOfFrames {frames!r} is not a number of frames")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * columns > MAX_PIXELS:
+        raise too_large(f"{columns} x {rows} pixels")
     if not uid.is_compressed:
         expected = pydicom.pixels.utils.get_expected_length(ds)
         actual = len(ds.PixelData)
@@ -320,7 +331,7 @@ def decode_grey(path: Path, min_side: int | None = None) -> tuple[np.ndarray, st
     a note (non-empty when only the first of several frames was used).
     """
     ds = read_dataset(path, stop_before_pixels=False)
-    check_pixel_data_length(ds)
+    check_pixel_data(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     frame = None
     if min_side:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .preprocess import grey_to_image, luminance, own_range
+from .preprocess import MAX_PIXELS, grey_to_image, luminance, own_range, too_large
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -28,7 +29,7 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
     With ``min_side``, a large JPEG is decoded at a reduced DCT scale
     (``draft``), keeping both sides at least ``min_side`` pixels.
     """
-    with Image.open(path) as image:
+    with _opened(path) as image:
         if min_side and image.format == "JPEG":
             image.draft("L", (min_side, min_side))
         rawmode = image.tile[0].args if image.format == "PNG" and len(image.tile) == 1 else None
@@ -41,6 +42,20 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
             # without a VOI, these are scaled from their own range.
             return grey_to_image(own_range(np.asarray(image, np.float32)))
         return image.convert("L") if image.mode != "L" else image.copy()
+
+
+def _opened(path: Path) -> Image.Image:
+    """``Image.open``, refusing an image over ``MAX_PIXELS`` before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with its size
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError:  # over twice the limit: Pillow refuses to open it
+            raise too_large(f"more than {2 * MAX_PIXELS:,} pixels") from None
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise too_large(f"{image.width} x {image.height} pixels")
+    return image
 
 
 # Pillow opens a 16-bit grey+alpha or colour PNG as 8 bits a sample, keeping each sample's high byte:

@@ -8,6 +8,8 @@ go through the same resize so the model sees the distribution it learnt.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image
 
@@ -66,14 +68,38 @@ def grey_to_image(grey: np.ndarray) -> Image.Image:
 DECODE_MIN_SIDE = 3 * INPUT_SIZE
 
 
+# The most pixels a file may have to be decoded, DICOM or not: Pillow's own decompression-bomb limit
+# (about 9459 x 9459).  A chest radiograph has under 25 million; decoding one costs up to about 20
+# bytes a pixel (44 for a 16-bit colour PNG), so a small file claiming more could take gigabytes.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def too_large(size: str) -> ValueError:
+    return ValueError(f"image too large: {size}; screening decodes at most {MAX_PIXELS:,} pixels")
+
+
 def read_grey_image(path, kind: str, min_side: int | None = None) -> tuple[Image.Image, str]:
-    """Decode a DICOM, PNG or JPEG file to an 8-bit grey image, and a note (e.g. multi-frame)."""
+    """Decode a DICOM, PNG or JPEG file to an 8-bit grey image, and a note: multi-frame, and what
+    the decoders warned of (a damaged EXIF block, padding after the pixel data), which would
+    otherwise reach stderr, and cron's mail, every night.
+
+    A blank image (every pixel one grey: a constant image, every value outside its window, a
+    rescale slope of 0) is refused: scored, it would come out as a confident finding.
+    """
     from . import dicom, images
 
-    if kind == "dicom":
-        grey, note = dicom.decode_grey(path, min_side)
-        return grey_to_image(grey), note
-    return images.read_grey(path, min_side), ""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        if kind == "dicom":
+            grey, note = dicom.decode_grey(path, min_side)
+            image = grey_to_image(grey)
+        else:
+            image, note = images.read_grey(path, min_side), ""
+    low, high = image.getextrema()
+    if low == high:
+        raise ValueError(f"blank image: every pixel shows grey level {low} of 255, nothing to screen")
+    notes = [note] + [f"decode: {w.message}" for w in warned]
+    return image, "; ".join(dict.fromkeys(n for n in notes if n))
 
 
 def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE,

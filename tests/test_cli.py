@@ -372,8 +372,6 @@ def test_quiet_run_writes_nothing_on_stderr(tmp_path, options):
     assert len(rows(tmp_path / "r.csv")) == 5  # the example studies
 
 
-
-
 def test_a_quiet_run_with_files_it_could_not_read_says_so(tmp_path):
     """Cron mails stderr: on the night a file cannot be read, quiet is not silent."""
     (tmp_path / "in" / "child").mkdir(parents=True)
@@ -385,19 +383,29 @@ def test_a_quiet_run_with_files_it_could_not_read_says_so(tmp_path):
     (study,) = rows(tmp_path / "r.csv")
     assert (study["n_images"], study["n_scored"]) == ("2", "1") and study["reason"].startswith("error:")
 
-def test_a_header_pydicom_repairs_is_noted_in_the_report_not_on_stderr(tmp_path):
+def test_what_pydicom_repairs_or_warns_of_is_noted_in_the_report_not_on_stderr(tmp_path):
     """A patient ID that is not UTF-8 though the header says so: pydicom decodes it with a
-    replacement character and warns; the warning goes to the image's note, and a quiet night stays quiet."""
+    replacement character and warns; pixel data longer than its header says: pydicom drops the
+    excess and warns, in the decode process.  The warnings go to the images' notes, and a quiet
+    night stays quiet."""
     (tmp_path / "in").mkdir()
     ds = make_dataset(chest_pixels(256), SpecificCharacterSet="ISO_IR 192")
     ds.PatientID = b"M\xfcller"  # Latin-1 bytes
     save(ds, tmp_path / "in" / "cxr.dcm")
+    padded = make_dataset(chest_pixels(256), study_uid=ds.StudyInstanceUID)
+    padded.PixelData += bytes(1000)
+    save(padded, tmp_path / "in" / "padded.dcm")
     result = run(tmp_path / "in", "--out", tmp_path / "r.json", "--quiet")
     assert result.returncode == 0 and result.stderr == ""
     (study,) = json.loads((tmp_path / "r.json").read_text())["studies"]
     assert study["status"] == "scored" and study["patient_id"] == "M\ufffdller"
-    assert study["images"][0]["note"] == ("header: Failed to decode byte string with encoding 'UTF8' - using "
-                                          "replacement characters in decoded string")
+    notes = {i["file"]: i["note"] for i in study["images"] if i["status"] == "scored"}
+    assert notes == {
+        "cxr.dcm": "header: Failed to decode byte string with encoding 'UTF8' - using replacement "
+                   "characters in decoded string",
+        "padded.dcm": "decode: The pixel data is 132072 bytes long, which indicates it contains 1000 bytes "
+                      "of excess padding to be removed"}
+
 
 def test_help_documents_exit_codes():
     result = run("--help")

@@ -477,3 +477,120 @@ def test_padding_does_not_stretch_an_unwindowed_range(tmp_path, pixels):
     assert (grey[:32] == 1.0).all()
     unmarked = grey_of(save(make_dataset(padded), tmp_path / "unmarked.dcm"))
     assert abs(unmarked[32:].mean() - image.mean()) > 0.01  # what the marking prevents
+
+
+def png_claiming(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` grey pixels, followed by one empty row."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(bytes(width + 1))) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_too_large_to_decode_safely_is_refused_before_decoding(tmp_path):
+    """A small file may claim gigapixels (a 16000 x 16000 RLE CR of 8 MB took 4.8 GB to decode).
+    One limit for every kind, Pillow's own; just under it, the file goes on to be read."""
+    dicom_over = make_dataset(np.zeros((4, 4), np.uint16), Rows=10000, Columns=8948)  # 89,480,000
+    with pytest.raises(ValueError, match=r"image too large: 8948 x 10000 pixels; .* at most 89,478,485 pixels"):
+        grey_of(save(dicom_over, tmp_path / "over.dcm"))
+    dicom_under = make_dataset(np.zeros((4, 4), np.uint16), Rows=9459, Columns=9459)  # 89,472,681
+    with pytest.raises(ValueError, match="pixel data truncated"):
+        grey_of(save(dicom_under, tmp_path / "under.dcm"))
+    with pytest.raises(ValueError, match=r"image too large: 9460 x 9460 pixels; "):
+        model_input_from_file(png_claiming(tmp_path / "over.png", 9460, 9460), "png")
+    with pytest.raises(ValueError, match=r"image too large: more than 178,956,970 pixels; "):
+        model_input_from_file(png_claiming(tmp_path / "bomb.png", 20000, 20000), "png")
+    with pytest.raises(ValueError, match="blank image"):  # not refused for its size: read, and found blank
+        model_input_from_file(png_claiming(tmp_path / "under.png", 9459, 9459), "png")
+
+
+@pytest.mark.parametrize("elements, level", [
+    (dict(), 0),  # constant stored values
+    (dict(RescaleSlope=0, RescaleIntercept=100, WindowCenter=2048, WindowWidth=4096), 6),
+    (dict(PixelPaddingValue=1234), 0),  # nothing but padding
+])
+def test_a_blank_dicom_image_is_refused_rather_than_scored(tmp_path, pixels, elements, level):
+    """Scored, a blank image comes out as a confident pneumonia finding (0.999 from the shipped model)."""
+    blank = make_dataset(np.full_like(pixels, 1234), **elements)
+    with pytest.raises(ValueError, match=f"blank image: every pixel shows grey level {level} of 255"):
+        model_input_from_file(save(blank, tmp_path / "blank.dcm"), "dicom")
+
+
+def test_an_image_wholly_outside_its_window_is_blank_and_one_partly_inside_is_not(tmp_path, pixels):
+    above = make_dataset(pixels, WindowCenter=int(pixels.max()) + 100, WindowWidth=10)
+    with pytest.raises(ValueError, match="blank image: every pixel shows grey level 0 of 255"):
+        model_input_from_file(save(above, tmp_path / "above.dcm"), "dicom")
+    partly = make_dataset(pixels, WindowCenter=int(pixels.max()) - 10, WindowWidth=10)
+    array, _ = model_input_from_file(save(partly, tmp_path / "partly.dcm"), "dicom")
+    assert array.min() == 0 and array.max() == 255
+
+
+@pytest.mark.parametrize("mode, value", [("L", 128), ("I;16", 3000), ("RGB", (40, 40, 40))])
+def test_a_blank_png_or_jpeg_is_refused_rather_than_scored(tmp_path, mode, value):
+    from PIL import Image
+
+    for suffix, kind in ((".png", "png"), (".jpeg", "jpeg")) if mode != "I;16" else ((".png", "png"),):
+        path = tmp_path / f"blank{suffix}"
+        Image.new(mode, (300, 200), value).save(path)
+        with pytest.raises(ValueError, match="blank image: every pixel shows grey level"):
+            model_input_from_file(path, kind)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # pydicom, writing the damaged fixture
+@pytest.mark.parametrize("change, refusal", [
+    (lambda ds: setattr(ds, "PixelData", b""), "no pixel data"),
+    (lambda ds: setattr(ds, "NumberOfFrames", "-1"), "NumberOfFrames '-1' is not a number of frames"),
+    (lambda ds: (setattr(ds, "FloatPixelData", ds.PixelData), delattr(ds, "PixelData")),
+     "no pixel data (only FloatPixelData, which is not a radiograph's)"),
+    (lambda ds: setattr(ds, "PhotometricInterpretation", "PALETTE COLOR"),
+     "PALETTE COLOR image without its palette"),
+])
+def test_pixel_data_no_decoder_can_use_is_refused_in_words_a_user_can_act_on(tmp_path, change, refusal):
+    """Not pydicom's internals ("object of type 'NoneType' has no len()", "'<' not supported
+    between instances of 'int' and 'str'", an AttributeError)."""
+    ds = make_dataset(chest_pixels(64, bits=8), bits_stored=8)
+    change(ds)
+    with pytest.raises(ValueError) as refused:
+        grey_of(save(ds, tmp_path / "damaged.dcm"))
+    assert str(refused.value).startswith(refusal)
+
+
+def test_a_number_of_frames_that_is_not_a_number_is_refused_in_words_a_user_can_act_on(tmp_path):
+    """pydicom's own failure: "'<' not supported between instances of 'int' and 'str'"."""
+    path = save(make_dataset(chest_pixels(64, bits=8), bits_stored=8, NumberOfFrames=98765432),
+                tmp_path / "frames.dcm")
+    path.write_bytes(path.read_bytes().replace(b"98765432", b"abc     "))
+    with pytest.warns(UserWarning, match="Invalid value for VR IS"):  # pydicom, reading the header
+        with pytest.raises(ValueError, match="NumberOfFrames 'abc' is not a number of frames"):
+            grey_of(path)
+
+
+def test_what_a_decoder_warns_of_becomes_the_files_note_not_a_line_on_stderr(tmp_path, pixels, recwarn):
+    import io
+    import struct
+
+    padded = make_dataset(pixels)
+    padded.PixelData += bytes(1000)
+    array, note = model_input_from_file(save(padded, tmp_path / "padded.dcm"), "dicom")
+    plain, _ = model_input_from_file(save(make_dataset(pixels), tmp_path / "plain.dcm"), "dicom")
+    np.testing.assert_array_equal(array, plain)
+    assert note == "decode: The pixel data is 205800 bytes long, which indicates it contains 1000 bytes of " \
+                   "excess padding to be removed"
+
+    # an EXIF block whose description tag points past the end of the file
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 100000, 5000) + bytes(4)
+    app1 = b"Exif\x00\x00" + tiff
+    buffer = io.BytesIO()
+    grey_to_image(grey_of(tmp_path / "plain.dcm")).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    jpeg = tmp_path / "exif.jpeg"
+    jpeg.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:])
+    _, note = model_input_from_file(jpeg, "jpeg")
+    assert note == "decode: Tag data larger than file. Skipping tag 270"
+    assert len(recwarn) == 0
