@@ -308,7 +308,7 @@ def _plot(labels: np.ndarray, probabilities: np.ndarray, result: dict, out_dir: 
         ax.set_ylabel("sensitivity")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(out_dir / "roc.png", dpi=90)
+        fig.savefig(out_dir / "roc.png", dpi=90, bbox_inches="tight")
         plt.close(fig)
     else:  # nor may an earlier evaluation's curve stand beside this one's figures
         (out_dir / "roc.png").unlink(missing_ok=True)
@@ -325,5 +325,5 @@ def _plot(labels: np.ndarray, probabilities: np.ndarray, result: dict, out_dir: 
     ax.set_ylabel("true")
     ax.set_title(f"threshold {m['threshold']:.3f}")
     fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=90)
+    fig.savefig(out_dir / "confusion.png", dpi=90, bbox_inches="tight")  # tight_layout alone cut the "true" label
     plt.close(fig)

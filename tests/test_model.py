@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pneumonia_batch.dataset import patient_of
 from pneumonia_batch.evaluate import RUNTIME_MARGIN
@@ -434,7 +435,9 @@ def test_evaluate_and_local_calibration_read_files_as_screening_does(tiny_traini
     assert saved["not_used"] == [{"path": str(data / "NORMAL" / "notes.txt"), "reason": "not_an_image"}]
     assert sum(map(sum, saved["at_0.5"]["confusion_matrix"])) == 6
     assert "ROC-AUC" in result.stdout and "1 files not used: not_an_image (1)" in result.stdout
-    assert (tmp_path / "ev" / "roc.png").is_file()
+    for plot in ("roc.png", "confusion.png"):  # nothing drawn is cut at an edge (the axis labels once were)
+        pixels = np.asarray(Image.open(tmp_path / "ev" / plot).convert("L"))
+        assert all((edge == 255).all() for edge in (pixels[:, :2], pixels[:, -2:], pixels[:2], pixels[-2:])), plot
     evaluated = {Path(i["path"]).name: i["probability"] for i in saved["images"]}
 
     model = tmp_path / "ours" / "tiny.keras"  # local calibration rewrites the metadata: use a copy
