@@ -145,9 +145,9 @@ def list_training(directory: Path) -> tuple[list[LabelledImage], list[UnusedFile
     listed, unused = list_labelled(directory, TRAINING_KINDS)
     items = []
     for item in listed:
-        _, _, error = decode_for_model(str(item.path), item.kind)
-        if error:
-            unused.append(UnusedFile(item.path, discover.readable(f"error: {error}")))
+        _, _, why_not = decode_for_model(str(item.path), item.kind)
+        if why_not:
+            unused.append(UnusedFile(item.path, discover.readable(why_not)))
         else:
             items.append(item)
     return items, unused

@@ -205,8 +205,9 @@ def to_grey(ds, frame: np.ndarray) -> np.ndarray:
     """Stored values of one frame -> presentation values in [0, 1], float32."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":  # white is the palette's brightest entry, not the image's
-        if "RedPaletteColorLookupTableDescriptor" not in ds:
-            raise ValueError("PALETTE COLOR image without its palette (no Red Palette Color Lookup Table Descriptor)")
+        if missing := [f"{c} Palette Color Lookup Table" for c in ("Red", "Green", "Blue")
+                       if f"{c}PaletteColorLookupTableDescriptor" not in ds]:
+            raise ValueError(f"PALETTE COLOR image without its palette (no {', '.join(missing)})")
         entries, first, _ = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
         palette = pydicom.pixels.apply_color_lut(np.arange(first, first + (entries or 1 << 16)), ds)
         rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float32)
@@ -252,9 +253,9 @@ def check_pixel_data(ds) -> None:
         floats = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         raise ValueError(f"no pixel data (only {floats[0]}, which is not a radiograph's)" if floats
                          else "no pixel data")
-    frames = ds.get("NumberOfFrames")
-    if frames not in (None, "") and not str(frames).strip().isdigit():
-        raise ValueError(f"NumberOfFrames {frames!r} is not a number of frames")
+    frames = ds.get("NumberOfFrames")  # pydicom reads "+1" and "1.0" as 1, leaves "abc" as text
+    if frames not in (None, "") and not (isinstance(frames, int) and frames >= 0):
+        raise ValueError(f"NumberOfFrames {str(frames)!r} is not a number of frames")
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows * columns > MAX_PIXELS:
         raise too_large(f"{columns} x {rows} pixels")

@@ -137,9 +137,9 @@ def predict_items(model_path: Path, items: list[LabelledImage], input_scale: str
     for start in range(0, len(items), batch_size):
         inputs = []
         for item in items[start:start + batch_size]:
-            array, _, error = decode_for_model(str(item.path), item.kind)
+            array, _, why_not = decode_for_model(str(item.path), item.kind)
             if array is None:
-                failed.append(UnusedFile(item.path, readable(f"error: {error}")))
+                failed.append(UnusedFile(item.path, readable(why_not)))
             else:
                 kept.append(item)
                 inputs.append(array)

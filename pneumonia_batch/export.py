@@ -246,11 +246,12 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
 
 def _write_overlay(model, info: ModelInfo, item, target: Path) -> None:
     from .gradcam import heatmaps, overlay
-    from .preprocess import RESAMPLE, read_grey_image, to_model_input
+    from .preprocess import RESAMPLE, read_grey_image, to_model_input, warnings_noted
 
     # Full resolution, one decode for both the heatmap input and the picture.  Scoring used the
     # reduced decode: probabilities moved by at most 0.0053 when measured, < 0.01 as tested.
-    grey, _ = read_grey_image(item.path, item.kind)
+    with warnings_noted([]):  # the scoring decode has put them in the image's note already
+        grey, _ = read_grey_image(item.path, item.kind)
     cam = heatmaps(model, to_model_input(grey)[None], info.input_scale)[0]
     grey.thumbnail((512, 512), RESAMPLE)  # aspect kept; the heatmap is stretched to match
     picture = overlay(grey, cam)

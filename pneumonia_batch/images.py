@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +45,10 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
 
 def _opened(path: Path) -> Image.Image:
     """``Image.open``, refusing an image over ``MAX_PIXELS`` before any pixel is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with its size
-        try:
-            image = Image.open(path)
-        except Image.DecompressionBombError:  # over twice the limit: Pillow refuses to open it
-            raise too_large(f"more than {2 * MAX_PIXELS:,} pixels") from None
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow will not open it
+        raise too_large(f"more than {2 * MAX_PIXELS:,} pixels") from exc
     if image.width * image.height > MAX_PIXELS:
         image.close()
         raise too_large(f"{image.width} x {image.height} pixels")

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .discover import InputFile
-from .preprocess import model_input_from_file
+from .preprocess import NothingToScreen, model_input_from_file, warnings_noted
 
 
 def default_workers() -> int:
@@ -91,17 +91,33 @@ def _stop_signals_blocked():
 
 
 def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
-    """Worker: (model input, note, error message)."""
+    """Worker: (model input, note, why not scored).  The last is empty for a decoded file, a skip's
+    reason code for one with nothing to screen (``blank_image``: its detail is the note), and
+    ``error: ...`` for one that could not be decoded."""
+    notes: list[str] = []
     try:
-        array, note = model_input_from_file(path, kind)
-        return array, note, ""
+        with warnings_noted(notes):
+            array, note = model_input_from_file(path, kind)
+        return array, "; ".join([note, *notes] if note else notes), ""
+    except NothingToScreen as exc:
+        return None, "; ".join([exc.detail, *notes]), exc.reason
     except MemoryError:
-        return None, "", "out of memory while decoding"
+        return None, "", f"{ERROR}out of memory while decoding"
     except Exception as exc:  # any codec or parser failure becomes the file's error row
         # pydicom names each codec's own failure on a line of its own: they are what tells a user why
         first, *codecs = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
         message = " ".join([first, "; ".join(codecs)]) if codecs else first
-        return None, "", f"{type(exc).__name__}: {message}"[:500]
+        return None, "; ".join(notes), ERROR + f"{type(exc).__name__}: {message}"[:500]
+
+
+ERROR = "error: "
+
+
+def _joined_notes(header_note: str, decode_note: str) -> str:
+    """The header's note, then the decode's, less what the decode's second parse of the header
+    warned of again (``decode: X`` after ``header: X``)."""
+    fresh = [n for n in decode_note.split("; ") if n and f"header: {n.removeprefix('decode: ')}" not in header_note]
+    return "; ".join([header_note, *fresh] if header_note else fresh)
 
 
 # The longest one file may take to decode.  The slowest real file measured here, a 4 MB JPEG 2000 CR,
@@ -157,24 +173,26 @@ def decoded(files: list[InputFile], workers: int, decode: Callable = decode_for_
         while queue:
             item, future = queue.popleft()
             try:
-                array, note, error = future.result()
+                array, note, why_not = future.result()
             except BrokenProcessPool:
                 pool = replaced(pool)
                 started = time.monotonic()
                 try:
-                    array, note, error = submitted(pool, item).result()
+                    array, note, why_not = submitted(pool, item).result()
                 except BrokenProcessPool:
                     took_too_long = time.monotonic() - started >= timeout
-                    array, note, error = None, "", (f"decoding took longer than {timeout} s: given up"
-                                                    if took_too_long else "decoder process crashed on this file")
+                    array, note, why_not = None, "", ERROR + (f"decoding took longer than {timeout} s: given up"
+                                                              if took_too_long else "decoder process crashed on this file")
                     pool = replaced(pool)
                 in_flight = [waiting for waiting, _ in queue]
                 queue.clear()
                 for waiting in in_flight:
                     submit(waiting)
-            item.note = "; ".join(n for n in (item.header_note, note) if n)
-            if error:
-                item.finish("error", error)
+            item.note = _joined_notes(item.header_note, note)
+            if why_not.startswith(ERROR):
+                item.finish("error", why_not.removeprefix(ERROR))
+            elif why_not:
+                item.finish("skipped", why_not)
             yield item, array
             nxt = next(todo, None)
             if nxt is not None:
@@ -202,7 +220,8 @@ def batches(stream: Iterable[tuple[InputFile, np.ndarray | None]],
 def score(files: list[InputFile], make_runner: Callable, batch_size: int, workers: int,
           on_batch: Callable[[list[InputFile]], None] | None = None,
           on_file: Callable[[InputFile], None] | None = None) -> None:
-    """Score every pending image file in place: status 'scored' with a probability, or 'error'.
+    """Score every pending image file in place: 'scored' with a probability, 'skipped' (nothing to
+    screen) or 'error'.
 
     ``make_runner`` is called only when there is something to score, so a run
     with nothing new never loads a model.  ``on_batch`` sees each scored batch

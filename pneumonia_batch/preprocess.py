@@ -9,6 +9,7 @@ go through the same resize so the model sees the distribution it learnt.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -72,34 +73,67 @@ DECODE_MIN_SIDE = 3 * INPUT_SIZE
 # (about 9459 x 9459).  A chest radiograph has under 25 million; decoding one costs up to about 20
 # bytes a pixel (44 for a 16-bit colour PNG), so a small file claiming more could take gigabytes.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Blank: fewer grey levels than this, or this share of the pixels at one level (a blank exposure
+# with a burned-in marker, a frame all outside its window).  Measured on the 5,357 real images of
+# ../shared/data: at least 113 levels, and at most 44 % of the pixels at one level (a collimated CR).
+BLANK_LEVELS = 16
+BLANK_SHARE = 0.95
 
 
-def too_large(size: str) -> ValueError:
-    return ValueError(f"image too large: {size}; screening decodes at most {MAX_PIXELS:,} pixels")
+class NothingToScreen(ValueError):
+    """A file that decodes, or could, but holds nothing the model can screen: a skip with a reason
+    code (``blank_image``, ``image_too_large``) and the detail as the image's note, not an error.
+    Its file stays as it is, so a run with ``--state`` takes the outcome again rather than decoding
+    it, and reporting its study, every night."""
+
+    REASONS = ("blank_image", "image_too_large")
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def too_large(size: str) -> NothingToScreen:
+    return NothingToScreen("image_too_large", f"{size}; screening decodes at most {MAX_PIXELS:,} pixels")
+
+
+def check_not_blank(image: Image.Image) -> None:
+    """Refuse an 8-bit grey image with nothing to screen: scored, a blank one comes out as a confident
+    finding (0.999 from the shipped model)."""
+    counts = image.histogram()
+    levels, most = sum(1 for n in counts if n), max(counts)
+    if levels < BLANK_LEVELS or most >= BLANK_SHARE * sum(counts):
+        raise NothingToScreen("blank_image", f"{levels} grey levels, {most / sum(counts):.1%} of the pixels "
+                                             f"at level {counts.index(most)}")
+
+
+@contextmanager
+def warnings_noted(notes: list[str]):
+    """What a decoder warns of inside (a damaged EXIF block, bytes after the pixel data) is added to
+    ``notes`` as ``decode: ...`` instead of reaching stderr, and cron's mail.  Warning filters are
+    process-wide: for code that decodes on one thread (decode processes, evaluate, the review
+    export), never in training's tf.data threads."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused: image_too_large
+        try:
+            yield
+        finally:
+            notes.extend(dict.fromkeys(f"decode: {w.message}" for w in warned))
 
 
 def read_grey_image(path, kind: str, min_side: int | None = None) -> tuple[Image.Image, str]:
-    """Decode a DICOM, PNG or JPEG file to an 8-bit grey image, and a note: multi-frame, and what
-    the decoders warned of (a damaged EXIF block, padding after the pixel data), which would
-    otherwise reach stderr, and cron's mail, every night.
-
-    A blank image (every pixel one grey: a constant image, every value outside its window, a
-    rescale slope of 0) is refused: scored, it would come out as a confident finding.
-    """
+    """Decode a DICOM, PNG or JPEG file to an 8-bit grey image, and a note (e.g. multi-frame);
+    ``NothingToScreen`` for one too large to decode safely or blank."""
     from . import dicom, images
 
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        if kind == "dicom":
-            grey, note = dicom.decode_grey(path, min_side)
-            image = grey_to_image(grey)
-        else:
-            image, note = images.read_grey(path, min_side), ""
-    low, high = image.getextrema()
-    if low == high:
-        raise ValueError(f"blank image: every pixel shows grey level {low} of 255, nothing to screen")
-    notes = [note] + [f"decode: {w.message}" for w in warned]
-    return image, "; ".join(dict.fromkeys(n for n in notes if n))
+    if kind == "dicom":
+        grey, note = dicom.decode_grey(path, min_side)
+        image = grey_to_image(grey)
+    else:
+        image, note = images.read_grey(path, min_side), ""
+    check_not_blank(image)
+    return image, note
 
 
 def model_input_from_file(path: str, kind: str, size: int = INPUT_SIZE,

@@ -169,7 +169,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         for study in this_run:
             for item in study.files:
                 audit.event("file", file=item.rel, study_id=study.study_id, status=item.status,
-                            reason=item.reason, probability=item.probability)
+                            reason=item.reason, probability=item.probability, note=item.note)
         earlier_keys = reported - {s.key for s in this_run}  # only counted unless asked for
         previous = state.previous_studies(earlier_keys) if state and options.include_previous else []
         summary.count(this_run, previous=len(earlier_keys))

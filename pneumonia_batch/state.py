@@ -23,6 +23,7 @@ from .atomic import CannotWrite
 from .dicom import DicomHeader
 from .discover import DUPLICATE, InputFile, Study, eligibility_skip, readable
 from .model import sha256_of
+from .preprocess import NothingToScreen
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -117,8 +118,9 @@ class State:
         Errors are never taken: a crashed decoder, a full memory, a permission
         fixed with chmod or a codec installed since may all have passed, so
         the file is tried again (and its study reported again) on every run.
-        Nor is an outcome the header decided (scored, or skipped for the header's
-        own reason) that this run's header filter decides otherwise.  A copy
+        Nor is an outcome the header decided (scored, skipped for the header's own
+        reason, or skipped when decoded as blank or too large) that this run's
+        header filter decides otherwise.  A copy
         skipped as a duplicate comes back eligible: grouping decides the copies
         of an instance again every run, as the one scored in its place may since
         have gone or been overwritten.
@@ -131,7 +133,8 @@ class State:
         if status == "skipped" and reason.startswith(DUPLICATE):
             status, reason = "pending", ""
         header = DicomHeader(**json.loads(row["header"])) if row["header"] else None
-        if header and (reason if status == "skipped" else None) != eligibility_skip(header, header_filter):
+        header_skip = reason if status == "skipped" and reason not in NothingToScreen.REASONS else None
+        if header and header_skip != eligibility_skip(header, header_filter):
             return False
         item.kind, item.header = row["kind"], header
         item.status, item.reason, item.note = status, reason, row["note"]

@@ -395,6 +395,19 @@ def test_what_pydicom_repairs_or_warns_of_is_noted_in_the_report_not_on_stderr(t
     padded = make_dataset(chest_pixels(256), study_uid=ds.StudyInstanceUID)
     padded.PixelData += bytes(1000)
     save(padded, tmp_path / "in" / "padded.dcm")
+    # a file meta naming explicit VR before an implicit VR body: pydicom warns at every parse
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    implicit = make_dataset(chest_pixels(256), study_uid=ds.StudyInstanceUID)
+    explicit_meta = save(make_dataset(chest_pixels(8)), tmp_path / "explicit.dcm").read_bytes()
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit_body = save(implicit, tmp_path / "implicit.dcm").read_bytes()
+
+    def meta_end(data):  # preamble, DICM, then (0002,0000) holding the length of the rest of group 2
+        return 144 + int.from_bytes(data[140:144], "little")
+
+    (tmp_path / "in" / "mismatch.dcm").write_bytes(explicit_meta[:meta_end(explicit_meta)]
+                                                   + implicit_body[meta_end(implicit_body):])
     result = run(tmp_path / "in", "--out", tmp_path / "r.json", "--quiet")
     assert result.returncode == 0 and result.stderr == ""
     (study,) = json.loads((tmp_path / "r.json").read_text())["studies"]
@@ -404,7 +417,9 @@ def test_what_pydicom_repairs_or_warns_of_is_noted_in_the_report_not_on_stderr(t
         "cxr.dcm": "header: Failed to decode byte string with encoding 'UTF8' - using replacement "
                    "characters in decoded string",
         "padded.dcm": "decode: The pixel data is 132072 bytes long, which indicates it contains 1000 bytes "
-                      "of excess padding to be removed"}
+                      "of excess padding to be removed",
+        # said once, though the decode parses the header again
+        "mismatch.dcm": "header: Expected explicit VR, but found implicit VR - using implicit VR for reading"}
 
 
 def test_help_documents_exit_codes():

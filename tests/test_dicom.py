@@ -8,7 +8,8 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000, JPEG2000Lossl
                          JPEGLSLossless, RLELossless)
 
 from pneumonia_batch import dicom
-from pneumonia_batch.preprocess import grey_to_image, model_input_from_file, to_model_input
+from pneumonia_batch.preprocess import (DECODE_MIN_SIDE, NothingToScreen, grey_to_image, model_input_from_file,
+                                        to_model_input)
 from tests.dicom_factory import (EXAMPLES, chest_pixels, make_dataset, save, save_jpeg_baseline,
                                  save_without_meta)
 
@@ -394,8 +395,8 @@ def test_a_palette_jpeg2000_image_is_not_read_at_half_resolution(tmp_path):
             setattr(ds, f"{colour}PaletteColorLookupTableData", entries.astype("<u2").tobytes())
         return save(ds, tmp_path / name, syntax)
 
-    uncompressed = model_input_from_file(str(palette_file("u.dcm")), "dicom")[0]
-    j2k = model_input_from_file(str(palette_file("j.dcm", JPEG2000Lossless)), "dicom")[0]
+    uncompressed = dicom.decode_grey(palette_file("u.dcm"), DECODE_MIN_SIDE)[0]  # two greys: blank to the model
+    j2k = dicom.decode_grey(palette_file("j.dcm", JPEG2000Lossless), DECODE_MIN_SIDE)[0]
     np.testing.assert_array_equal(j2k, uncompressed)
 
 
@@ -493,52 +494,74 @@ def png_claiming(path, width, height):
     return path
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # outside a decode process's notes
 def test_an_image_too_large_to_decode_safely_is_refused_before_decoding(tmp_path):
     """A small file may claim gigapixels (a 16000 x 16000 RLE CR of 8 MB took 4.8 GB to decode).
     One limit for every kind, Pillow's own; just under it, the file goes on to be read."""
     dicom_over = make_dataset(np.zeros((4, 4), np.uint16), Rows=10000, Columns=8948)  # 89,480,000
-    with pytest.raises(ValueError, match=r"image too large: 8948 x 10000 pixels; .* at most 89,478,485 pixels"):
+    with pytest.raises(NothingToScreen, match=r"^image_too_large: 8948 x 10000 pixels; .* at most 89,478,485 pixels$"):
         grey_of(save(dicom_over, tmp_path / "over.dcm"))
     dicom_under = make_dataset(np.zeros((4, 4), np.uint16), Rows=9459, Columns=9459)  # 89,472,681
     with pytest.raises(ValueError, match="pixel data truncated"):
         grey_of(save(dicom_under, tmp_path / "under.dcm"))
-    with pytest.raises(ValueError, match=r"image too large: 9460 x 9460 pixels; "):
+    with pytest.raises(NothingToScreen, match=r"^image_too_large: 9460 x 9460 pixels; "):
         model_input_from_file(png_claiming(tmp_path / "over.png", 9460, 9460), "png")
-    with pytest.raises(ValueError, match=r"image too large: more than 178,956,970 pixels; "):
+    with pytest.raises(NothingToScreen, match=r"^image_too_large: more than 178,956,970 pixels; "):
         model_input_from_file(png_claiming(tmp_path / "bomb.png", 20000, 20000), "png")
-    with pytest.raises(ValueError, match="blank image"):  # not refused for its size: read, and found blank
+    with pytest.raises(NothingToScreen, match="^blank_image"):  # not refused for its size: read, found blank
         model_input_from_file(png_claiming(tmp_path / "under.png", 9459, 9459), "png")
 
 
-@pytest.mark.parametrize("elements, level", [
-    (dict(), 0),  # constant stored values
-    (dict(RescaleSlope=0, RescaleIntercept=100, WindowCenter=2048, WindowWidth=4096), 6),
-    (dict(PixelPaddingValue=1234), 0),  # nothing but padding
-])
-def test_a_blank_dicom_image_is_refused_rather_than_scored(tmp_path, pixels, elements, level):
+def blank_cases(pixels):
+    """Blank or all but blank, each as a DICOM dataset, and the note it should get."""
+    constant = np.full_like(pixels, 1234)
+    dead_pixel = constant.copy()
+    dead_pixel[10, 10] = 4095
+    marker = np.zeros_like(pixels)
+    marker[20:40, 20:30] = 4095  # a burned-in R on a blank exposure
+    top = int(pixels.max())
+    return [
+        (make_dataset(constant), "1 grey levels, 100.0% of the pixels at level 0"),
+        (make_dataset(constant, RescaleSlope=0, RescaleIntercept=100, WindowCenter=2048, WindowWidth=4096),
+         "1 grey levels, 100.0% of the pixels at level 6"),
+        (make_dataset(constant, PixelPaddingValue=1234), "1 grey levels, 100.0% of the pixels at level 0"),
+        (make_dataset(pixels, WindowCenter=top + 100, WindowWidth=10), "1 grey levels, 100.0% of the pixels at level 0"),
+        (make_dataset(dead_pixel), "2 grey levels, 100.0% of the pixels at level 0"),
+        (make_dataset(marker), "2 grey levels, 99.8% of the pixels at level 0"),
+        # only the brightest few values inside the window: a handful of levels
+        (make_dataset(pixels, WindowCenter=top - 3, WindowWidth=8), None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_a_blank_dicom_image_is_skipped_rather_than_scored(tmp_path, pixels, case):
     """Scored, a blank image comes out as a confident pneumonia finding (0.999 from the shipped model)."""
-    blank = make_dataset(np.full_like(pixels, 1234), **elements)
-    with pytest.raises(ValueError, match=f"blank image: every pixel shows grey level {level} of 255"):
-        model_input_from_file(save(blank, tmp_path / "blank.dcm"), "dicom")
+    ds, detail = blank_cases(pixels)[case]
+    with pytest.raises(NothingToScreen) as refused:
+        model_input_from_file(save(ds, tmp_path / "blank.dcm"), "dicom")
+    assert refused.value.reason == "blank_image"
+    assert detail is None or refused.value.detail == detail
 
 
-def test_an_image_wholly_outside_its_window_is_blank_and_one_partly_inside_is_not(tmp_path, pixels):
-    above = make_dataset(pixels, WindowCenter=int(pixels.max()) + 100, WindowWidth=10)
-    with pytest.raises(ValueError, match="blank image: every pixel shows grey level 0 of 255"):
-        model_input_from_file(save(above, tmp_path / "above.dcm"), "dicom")
-    partly = make_dataset(pixels, WindowCenter=int(pixels.max()) - 10, WindowWidth=10)
-    array, _ = model_input_from_file(save(partly, tmp_path / "partly.dcm"), "dicom")
-    assert array.min() == 0 and array.max() == 255
+def test_real_radiographs_are_not_blank_however_windowed(tmp_path, pixels):
+    """The shipped examples, and the fixture's radiograph through a narrow window over its lung fields
+    (the fixture's stored values are 8-bit ones times 16: a quarter of its range holds 64 of them)."""
+    for path in sorted(EXAMPLES.rglob("*")):
+        if path.suffix in (".jpeg", ".png", ".dcm"):
+            model_input_from_file(path, "dicom" if path.suffix == ".dcm" else path.suffix[1:])
+    narrow = make_dataset(pixels, WindowCenter=int(np.median(pixels)), WindowWidth=1024)
+    array, _ = model_input_from_file(save(narrow, tmp_path / "narrow.dcm"), "dicom")
+    assert len(np.unique(array)) > 40
 
 
 @pytest.mark.parametrize("mode, value", [("L", 128), ("I;16", 3000), ("RGB", (40, 40, 40))])
-def test_a_blank_png_or_jpeg_is_refused_rather_than_scored(tmp_path, mode, value):
+def test_a_blank_png_or_jpeg_is_skipped_rather_than_scored(tmp_path, mode, value):
     from PIL import Image
 
     for suffix, kind in ((".png", "png"), (".jpeg", "jpeg")) if mode != "I;16" else ((".png", "png"),):
         path = tmp_path / f"blank{suffix}"
         Image.new(mode, (300, 200), value).save(path)
-        with pytest.raises(ValueError, match="blank image: every pixel shows grey level"):
+        with pytest.raises(NothingToScreen, match="^blank_image: "):
             model_input_from_file(path, kind)
 
 
@@ -549,7 +572,7 @@ def test_a_blank_png_or_jpeg_is_refused_rather_than_scored(tmp_path, mode, value
     (lambda ds: (setattr(ds, "FloatPixelData", ds.PixelData), delattr(ds, "PixelData")),
      "no pixel data (only FloatPixelData, which is not a radiograph's)"),
     (lambda ds: setattr(ds, "PhotometricInterpretation", "PALETTE COLOR"),
-     "PALETTE COLOR image without its palette"),
+     "PALETTE COLOR image without its palette (no Red Palette Color Lookup Table, Green Palette"),
 ])
 def test_pixel_data_no_decoder_can_use_is_refused_in_words_a_user_can_act_on(tmp_path, change, refusal):
     """Not pydicom's internals ("object of type 'NoneType' has no len()", "'<' not supported
@@ -561,10 +584,17 @@ def test_pixel_data_no_decoder_can_use_is_refused_in_words_a_user_can_act_on(tmp
     assert str(refused.value).startswith(refusal)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS: '1.0'")
 def test_a_number_of_frames_that_is_not_a_number_is_refused_in_words_a_user_can_act_on(tmp_path):
-    """pydicom's own failure: "'<' not supported between instances of 'int' and 'str'"."""
+    """pydicom's own failure: "'<' not supported between instances of 'int' and 'str'".  One with a
+    sign or a decimal point (PS3.5 allows "+1"; pydicom reads "1.0" as 1) is a number."""
     path = save(make_dataset(chest_pixels(64, bits=8), bits_stored=8, NumberOfFrames=98765432),
                 tmp_path / "frames.dcm")
+    plain = grey_of(save(make_dataset(chest_pixels(64, bits=8), bits_stored=8), tmp_path / "plain.dcm"))
+    for written in (b"+1      ", b"1.0     ", b"1       "):
+        path.write_bytes(path.read_bytes().replace(b"98765432", written))
+        np.testing.assert_array_equal(grey_of(path), plain)
+        path.write_bytes(path.read_bytes().replace(written, b"98765432"))
     path.write_bytes(path.read_bytes().replace(b"98765432", b"abc     "))
     with pytest.warns(UserWarning, match="Invalid value for VR IS"):  # pydicom, reading the header
         with pytest.raises(ValueError, match="NumberOfFrames 'abc' is not a number of frames"):
@@ -575,13 +605,15 @@ def test_what_a_decoder_warns_of_becomes_the_files_note_not_a_line_on_stderr(tmp
     import io
     import struct
 
+    from pneumonia_batch.pipeline import decode_for_model
+
     padded = make_dataset(pixels)
     padded.PixelData += bytes(1000)
-    array, note = model_input_from_file(save(padded, tmp_path / "padded.dcm"), "dicom")
+    array, note, why_not = decode_for_model(str(save(padded, tmp_path / "padded.dcm")), "dicom")
     plain, _ = model_input_from_file(save(make_dataset(pixels), tmp_path / "plain.dcm"), "dicom")
     np.testing.assert_array_equal(array, plain)
-    assert note == "decode: The pixel data is 205800 bytes long, which indicates it contains 1000 bytes of " \
-                   "excess padding to be removed"
+    assert (note, why_not) == ("decode: The pixel data is 205800 bytes long, which indicates it contains "
+                               "1000 bytes of excess padding to be removed", "")
 
     # an EXIF block whose description tag points past the end of the file
     tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 100000, 5000) + bytes(4)
@@ -591,6 +623,8 @@ def test_what_a_decoder_warns_of_becomes_the_files_note_not_a_line_on_stderr(tmp
     data = buffer.getvalue()
     jpeg = tmp_path / "exif.jpeg"
     jpeg.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:])
-    _, note = model_input_from_file(jpeg, "jpeg")
-    assert note == "decode: Tag data larger than file. Skipping tag 270"
+    assert decode_for_model(str(jpeg), "jpeg")[1:] == ("decode: Tag data larger than file. Skipping tag 270", "")
+    # an image refused for its size: the refusal, and not Pillow's warning as well
+    assert decode_for_model(str(png_claiming(tmp_path / "over.png", 9500, 9500)), "png")[1:] == (
+        "9500 x 9500 pixels; screening decodes at most 89,478,485 pixels", "image_too_large")
     assert len(recwarn) == 0

@@ -1080,3 +1080,43 @@ def test_an_older_exports_hard_link_is_replaced_by_a_copy(tmp_path):
     source.unlink()  # gone since the scan: the copy made earlier stays
     export._copy(source, target)
     assert target.read_bytes() == NORMAL_JPEG.read_bytes()
+
+
+def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_path):
+    """A blank exposure beside a real image in one study, a blank lateral, and a PNG claiming more
+    pixels than screening decodes: skipped rows with their detail as the note, a quiet night (exit 0),
+    and nothing to report again the next night.  Turning the header filter off decides the lateral's
+    stored outcome again: it is decoded, and found blank."""
+    from tests.test_dicom import png_claiming
+
+    studies = tmp_path / "studies"
+    (studies / "big").mkdir(parents=True)
+    pixels = chest_pixels()
+    real = make_dataset(pixels)
+    save(real, studies / "frontal.dcm")
+    save(make_dataset(np.full_like(pixels, 900), study_uid=real.StudyInstanceUID), studies / "blank.dcm")
+    save(make_dataset(np.full_like(pixels, 900), view="LL"), studies / "blank-lateral.dcm")
+    png_claiming(studies / "big" / "scan.png", 9500, 9500)
+    for path in studies.rglob("*.*"):
+        os.utime(path, (OLD, OLD))
+    state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
+    first = run(studies, "--out", tmp_path / "r1.json", "--state", state, "--log-file", log, "--quiet")
+    assert (first.returncode, first.stderr) == (0, "")
+    images = {i["file"]: i for s in json.loads((tmp_path / "r1.json").read_text())["studies"] for i in s["images"]}
+    assert images["frontal.dcm"]["status"] == "scored"
+    assert (images["blank.dcm"]["status"], images["blank.dcm"]["reason"], images["blank.dcm"]["note"]) == (
+        "skipped", "blank_image", "1 grey levels, 100.0% of the pixels at level 0")
+    assert images["blank-lateral.dcm"]["reason"] == "not_frontal_view"
+    assert (images["big/scan.png"]["reason"], images["big/scan.png"]["note"]) == (
+        "image_too_large", "9500 x 9500 pixels; screening decodes at most 89,478,485 pixels")
+    logged = {e["file"]: e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "file"}
+    assert logged["blank.dcm"]["note"] == images["blank.dcm"]["note"]
+
+    second = run(studies, "--out", tmp_path / "r2.json", "--state", state, "--quiet")
+    assert (second.returncode, second.stderr) == (0, "")
+    assert json.loads((tmp_path / "r2.json").read_text())["studies"] == []
+
+    third = run(studies, "--out", tmp_path / "r3.json", "--state", state, "--quiet", "--no-header-filter")
+    assert (third.returncode, third.stderr) == (0, "")
+    (study,) = json.loads((tmp_path / "r3.json").read_text())["studies"]
+    assert [(i["file"], i["reason"]) for i in study["images"]] == [("blank-lateral.dcm", "blank_image")]
