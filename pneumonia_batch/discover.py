@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import dicom, images
+from .preprocess import NothingToScreen
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
 
@@ -303,10 +304,10 @@ def duplicate_of(item: InputFile) -> str | None:
 
 
 def spare_copies(files: list[InputFile]) -> list[InputFile]:
-    """A kept copy that failed to decode (say, cut short in transfer) must not hide an intact
-    copy of the same instance: the best of its duplicates is made pending to be scored instead,
-    and the others now stand behind that one.  The failed copy keeps its error row."""
-    failed = {f.rel for f in files if f.status == "error"}
+    """A kept copy that failed to decode (say, cut short in transfer), or decoded blank or too large,
+    must not hide an intact copy of the same instance: the best of its duplicates is made pending to
+    be scored instead, and the others now stand behind that one.  The failed copy keeps its row."""
+    failed = {f.rel for f in files if f.status == "error" or f.reason in NothingToScreen.REASONS}
     candidates: dict[str, list[InputFile]] = {}
     for item in files:
         if (failed_copy := duplicate_of(item)) in failed:

@@ -8,6 +8,7 @@ go through the same resize so the model sees the distribution it learnt.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -83,8 +84,8 @@ BLANK_SHARE = 0.95
 class NothingToScreen(ValueError):
     """A file that decodes, or could, but holds nothing the model can screen: a skip with a reason
     code (``blank_image``, ``image_too_large``) and the detail as the image's note, not an error.
-    Its file stays as it is, so a run with ``--state`` takes the outcome again rather than decoding
-    it, and reporting its study, every night."""
+    It follows from the file's content alone, so a run with ``--state`` takes it again for an
+    unchanged file rather than decoding it, and reporting its study, every night."""
 
     REASONS = ("blank_image", "image_too_large")
 
@@ -101,10 +102,11 @@ def check_not_blank(image: Image.Image) -> None:
     """Refuse an 8-bit grey image with nothing to screen: scored, a blank one comes out as a confident
     finding (0.999 from the shipped model)."""
     counts = image.histogram()
-    levels, most = sum(1 for n in counts if n), max(counts)
-    if levels < BLANK_LEVELS or most >= BLANK_SHARE * sum(counts):
-        raise NothingToScreen("blank_image", f"{levels} grey levels, {most / sum(counts):.1%} of the pixels "
-                                             f"at level {counts.index(most)}")
+    levels, most, total = sum(1 for n in counts if n), max(counts), sum(counts)
+    if levels < BLANK_LEVELS or most >= BLANK_SHARE * total:
+        share = math.floor(most / total * 1000) / 10  # 99.98 % is not all of them
+        raise NothingToScreen("blank_image", f"{levels} grey level{'s' * (levels > 1)}, {share:.1f}% of the "
+                                             f"pixels at level {counts.index(most)}")
 
 
 @contextmanager

@@ -1105,7 +1105,7 @@ def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_pat
     images = {i["file"]: i for s in json.loads((tmp_path / "r1.json").read_text())["studies"] for i in s["images"]}
     assert images["frontal.dcm"]["status"] == "scored"
     assert (images["blank.dcm"]["status"], images["blank.dcm"]["reason"], images["blank.dcm"]["note"]) == (
-        "skipped", "blank_image", "1 grey levels, 100.0% of the pixels at level 0")
+        "skipped", "blank_image", "1 grey level, 100.0% of the pixels at level 0")
     assert images["blank-lateral.dcm"]["reason"] == "not_frontal_view"
     assert (images["big/scan.png"]["reason"], images["big/scan.png"]["note"]) == (
         "image_too_large", "9500 x 9500 pixels; screening decodes at most 89,478,485 pixels")
@@ -1120,3 +1120,33 @@ def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_pat
     assert (third.returncode, third.stderr) == (0, "")
     (study,) = json.loads((tmp_path / "r3.json").read_text())["studies"]
     assert [(i["file"], i["reason"]) for i in study["images"]] == [("blank-lateral.dcm", "blank_image")]
+
+
+def test_a_blank_kept_copy_does_not_hide_an_intact_duplicate(tmp_path):
+    """The lossless copy of an instance is kept before the lossy one; when it decodes blank, the
+    lossy copy is scored on the first night, as for a kept copy that fails to decode, and the next
+    night takes both outcomes from the state: nothing reported again."""
+    from pydicom.uid import generate_uid
+
+    from tests.dicom_factory import save_jpeg_baseline
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    pixels, instance = chest_pixels(256), dict(study_uid=generate_uid(), sop_uid=generate_uid())
+    save(make_dataset(np.full_like(pixels, 900), **instance), studies / "a-lossless.dcm")
+    save_jpeg_baseline(make_dataset((pixels >> 4).astype(np.uint8), bits_stored=8, **instance),
+                       studies / "b-lossy.dcm")
+    for path in studies.iterdir():
+        os.utime(path, (OLD, OLD))
+    state = tmp_path / "state.db"
+    first = run(studies, "--out", tmp_path / "r1.json", "--state", state, "--quiet")
+    assert (first.returncode, first.stderr) == (0, "")
+    (study,) = json.loads((tmp_path / "r1.json").read_text())["studies"]
+    assert {i["file"]: (i["status"], i["reason"]) for i in study["images"]} == {
+        "a-lossless.dcm": ("skipped", "blank_image"), "b-lossy.dcm": ("scored", "")}
+    assert study["status"] == "scored" and study["probability"] > 0
+    second = run(studies, "--out", tmp_path / "r2.json", "--state", state, "--quiet", "--include-previous")
+    assert (second.returncode, second.stderr) == (0, "")
+    assert json.loads((tmp_path / "r2.json").read_text())["run"]["counts"]["scored"] == 0  # nothing decoded
+    (again,) = json.loads((tmp_path / "r2.json").read_text())["studies"]
+    assert again["images"] == study["images"]
