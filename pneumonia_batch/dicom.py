@@ -18,7 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .preprocess import MAX_PIXELS, luminance, own_range, too_large
+from .preprocess import check_size, luminance, own_range
 
 # The radiograph SOP classes (PS3.4 B.5), whose class says what their Modality would.
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -256,9 +256,7 @@ def check_pixel_data(ds) -> None:
     frames = ds.get("NumberOfFrames")  # pydicom reads "+1" and "1.0" as 1, leaves "abc" as text
     if frames not in (None, "") and not (isinstance(frames, int) and frames >= 0):
         raise ValueError(f"NumberOfFrames {str(frames)!r} is not a number of frames")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows * columns > MAX_PIXELS:
-        raise too_large(f"{columns} x {rows} pixels")
+    check_size(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
     if not uid.is_compressed:
         expected = pydicom.pixels.utils.get_expected_length(ds)
         actual = len(ds.PixelData)

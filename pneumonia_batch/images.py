@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .preprocess import MAX_PIXELS, grey_to_image, luminance, own_range, too_large
+from .preprocess import MAX_PIXELS, check_size, grey_to_image, luminance, own_range, too_large
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -29,6 +29,7 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
     (``draft``), keeping both sides at least ``min_side`` pixels.
     """
     with _opened(path) as image:
+        check_size(image.width, image.height)  # before any pixel is decoded
         if min_side and image.format == "JPEG":
             image.draft("L", (min_side, min_side))
         rawmode = image.tile[0].args if image.format == "PNG" and len(image.tile) == 1 else None
@@ -44,15 +45,11 @@ def read_grey(path: Path, min_side: int | None = None) -> Image.Image:
 
 
 def _opened(path: Path) -> Image.Image:
-    """``Image.open``, refusing an image over ``MAX_PIXELS`` before any pixel is decoded."""
+    """``Image.open``, with Pillow's refusal of an image over twice ``MAX_PIXELS`` as screening's own."""
     try:
-        image = Image.open(path)
-    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow will not open it
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
         raise too_large(f"more than {2 * MAX_PIXELS:,} pixels") from exc
-    if image.width * image.height > MAX_PIXELS:
-        image.close()
-        raise too_large(f"{image.width} x {image.height} pixels")
-    return image
 
 
 # Pillow opens a 16-bit grey+alpha or colour PNG as 8 bits a sample, keeping each sample's high byte:

@@ -90,27 +90,30 @@ def _stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+# How ``decode_for_model`` marks a failure, as against a skip's bare reason code.
+ERROR = "error: "
+
+
 def decode_for_model(path: str, kind: str) -> tuple[np.ndarray | None, str, str]:
     """Worker: (model input, note, why not scored).  The last is empty for a decoded file, a skip's
     reason code for one with nothing to screen (``blank_image``: its detail is the note), and
     ``error: ...`` for one that could not be decoded."""
-    notes: list[str] = []
+    array, notes, why_not = None, [], ""
     try:
         with warnings_noted(notes):
             array, note = model_input_from_file(path, kind)
-        return array, "; ".join([note, *notes] if note else notes), ""
+        notes.insert(0, note)
     except NothingToScreen as exc:
-        return None, "; ".join([exc.detail, *notes]), exc.reason
+        notes.insert(0, exc.detail)
+        why_not = exc.reason
     except MemoryError:
-        return None, "", f"{ERROR}out of memory while decoding"
+        why_not = ERROR + "out of memory while decoding"
     except Exception as exc:  # any codec or parser failure becomes the file's error row
         # pydicom names each codec's own failure on a line of its own: they are what tells a user why
         first, *codecs = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
         message = " ".join([first, "; ".join(codecs)]) if codecs else first
-        return None, "; ".join(notes), ERROR + f"{type(exc).__name__}: {message}"[:500]
-
-
-ERROR = "error: "
+        why_not = ERROR + f"{type(exc).__name__}: {message}"[:500]
+    return array, "; ".join(n for n in notes if n), why_not
 
 
 def _joined_notes(header_note: str, decode_note: str) -> str:

@@ -98,6 +98,12 @@ def too_large(size: str) -> NothingToScreen:
     return NothingToScreen("image_too_large", f"{size}; screening decodes at most {MAX_PIXELS:,} pixels")
 
 
+def check_size(width: int, height: int) -> None:
+    """Refuse, before decoding, an image whose header states more than ``MAX_PIXELS``."""
+    if width * height > MAX_PIXELS:
+        raise too_large(f"{width} x {height} pixels")
+
+
 def check_not_blank(image: Image.Image) -> None:
     """Refuse an 8-bit grey image with nothing to screen: scored, a blank one comes out as a confident
     finding (0.999 from the shipped model)."""

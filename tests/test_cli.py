@@ -408,10 +408,12 @@ def test_what_pydicom_repairs_or_warns_of_is_noted_in_the_report_not_on_stderr(t
 
     (tmp_path / "in" / "mismatch.dcm").write_bytes(explicit_meta[:meta_end(explicit_meta)]
                                                    + implicit_body[meta_end(implicit_body):])
-    result = run(tmp_path / "in", "--out", tmp_path / "r.json", "--quiet")
+    # the review export decodes the flagged study's images again, at full size, for its overlays
+    result = run(tmp_path / "in", "--out", tmp_path / "r.json", "--quiet", "--export-flagged", tmp_path / "review")
     assert result.returncode == 0 and result.stderr == ""
     (study,) = json.loads((tmp_path / "r.json").read_text())["studies"]
     assert study["status"] == "scored" and study["patient_id"] == "M\ufffdller"
+    assert study["flagged"] and len(list((tmp_path / "review").rglob("*overlay*"))) == 3
     notes = {i["file"]: i["note"] for i in study["images"] if i["status"] == "scored"}
     assert notes == {
         "cxr.dcm": "header: Failed to decode byte string with encoding 'UTF8' - using replacement "

@@ -614,6 +614,11 @@ def test_what_a_decoder_warns_of_becomes_the_files_note_not_a_line_on_stderr(tmp
     np.testing.assert_array_equal(array, plain)
     assert (note, why_not) == ("decode: The pixel data is 205800 bytes long, which indicates it contains "
                                "1000 bytes of excess padding to be removed", "")
+    # the decode worker notes them, not the decode itself: training decodes on tf.data's threads,
+    # which must never swap the process-wide warning state
+    with pytest.warns(UserWarning, match="excess padding"):
+        model_input_from_file(tmp_path / "padded.dcm", "dicom")
+    recwarn.clear()
 
     # an EXIF block whose description tag points past the end of the file
     tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 100000, 5000) + bytes(4)
