@@ -46,6 +46,8 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
             replaced = os.stat(path, follow_symlinks=follow_link)
         except FileNotFoundError:
             replaced = None
+        if replaced and (kind := special_kind(replaced)):  # replacing /dev/null, as root, would delete it
+            raise OSError(errno.EINVAL, f"it is a {kind}, not a file this tool can replace")
         kept = replaced if replaced and not stat.S_ISLNK(replaced.st_mode) else None
         if kept:
             mode = stat.S_IMODE(kept.st_mode)  # a report an admin made private stays private
@@ -71,6 +73,15 @@ def save_atomic(path: Path, save: Callable[[Path], None], suffix: str = ".tmp",
     except OSError as error:  # a file system that cannot fsync a folder; the file is in place all the same
         if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES):
             raise
+
+
+SPECIAL_KINDS = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFIFO: "FIFO",
+                 stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+
+
+def special_kind(status: os.stat_result) -> str:
+    """What a file that is neither a regular file nor a link is ("character device"), or ""."""
+    return SPECIAL_KINDS.get(stat.S_IFMT(status.st_mode), "")
 
 
 class CannotWrite(OSError):

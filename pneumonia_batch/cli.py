@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from . import __version__
-from .atomic import cannot_write_in, same_file
+from .atomic import cannot_write_in, same_file, special_kind
 from .inference import RUNTIMES, tflite_path
 from .model import DEFAULT_MODEL, INPUT_SCALES, ModelError, metadata_path
 
@@ -387,6 +387,9 @@ def _check_outputs_apart(paths: dict[str, Path | None]) -> None:
             continue
         if kind := image_kind_of(path):
             raise click.UsageError(f"{option} {path} is an image ({kind}); refusing to write to it")
+        if option != "--log-file" and os.path.exists(path) and (kind := special_kind(os.stat(path))):
+            # a report replaces the file it names: --out /dev/null, as root, would delete /dev/null
+            raise click.UsageError(f"{option} {path} is a {kind}, not a plain file the run can write")
         if export_dir is not None and export_would_replace(path, export_dir):
             raise click.UsageError(f"{option} {path} is a file the review export writes; name one outside "
                                    "its study folders, not worklist.csv or index.html")

@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,26 @@ def test_outputs_that_would_overwrite_each_other_or_an_x_ray_are_refused(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["studies"]
 
 
+
+def test_a_report_or_state_named_onto_a_device_or_fifo_is_refused_and_the_device_kept(tmp_path):
+    """The report is replaced atomically: a regular file renamed over the name.  Over /dev/null, as
+    root, that deletes the machine's /dev/null; over a FIFO, the reader waits forever."""
+    from pneumonia_batch.atomic import CannotWrite, write_atomic
+
+    specials = [(tmp_path / "fifo", "FIFO")]
+    os.mkfifo(specials[0][0])
+    if os.geteuid() == 0:  # only root may make a device node
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        specials.append((tmp_path / "null", "character device"))
+    for path, kind in specials:
+        for option, args in (("--out", ["--out", path, "--format", "csv"]),
+                             ("--state", ["--out", tmp_path / "r.csv", "--state", path])):
+            result = run(EXAMPLES, *args)
+            assert result.returncode == 2 and f"{option} {path} is a {kind}, not a plain file" in result.stderr
+        with pytest.raises(CannotWrite, match=f"it is a {kind}, not a file this tool can replace"):
+            write_atomic(path, "report\n")  # the export and calibrate write through it too
+        assert stat.S_IFMT(path.lstat().st_mode) != stat.S_IFREG
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p, _ in specials)
 
 def test_outputs_the_review_export_would_write_over_are_refused(tmp_path):
     """The worklist, the page and a study folder's files are the export's: a report, state or log
