@@ -307,7 +307,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
            verbose, quiet):
     from .model import read_model_info
     from .pipeline import default_workers
-    from .screening import ScreenOptions, screen as run_screen
+    from .screening import ScreenOptions, failure_message, log_refused_run, screen as run_screen
     from .state import LockHeld
 
     _standard_streams_open()
@@ -323,15 +323,20 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     _check_outputs_apart({"--out": out, "--state": state_path, "--log-file": log_file, "--export-flagged": export_dir,
                           "--model": model_path, "--model's metadata": metadata_path(model_path),
                           "--model's TFLite conversion": tflite_path(model_path)})
-    _check_writable("--out", out)
-    if state_path is not None:  # its lock file goes beside the name given, the database beside the target
-        _check_writable("--state", state_path, also_beside_link=True)
-    if log_file is not None:
-        _check_appendable("--log-file", log_file)
-    try:
-        info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
-    except ModelError as exc:
-        _fatal(str(exc))
+    log_problem = _cannot_append("--log-file", log_file) if log_file is not None else ""
+    # the state's lock file goes beside the name given, the database beside the link's target
+    problem = (_cannot_write("--out", out)
+               or (_cannot_write("--state", state_path, also_beside_link=True) if state_path else "")
+               or log_problem)
+    if not problem:
+        try:
+            info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
+        except ModelError as exc:
+            problem = str(exc)
+    if problem:
+        if log_file is not None and not log_problem:  # a night that never started is in the log too
+            log_refused_run(log_file, directory, problem)
+        _fatal(problem)
     say = to_stderr if verbose and not quiet else (lambda m: None)
     say(f"model {info.path.name} sha256 {info.sha256[:12]}, "
         f"threshold {info.threshold:g} ({info.threshold_source})")
@@ -349,7 +354,7 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     except ModelError as exc:
         _fatal(str(exc))
     except sqlite3.Error as exc:  # not a database, a disk full on commit, locked past the timeout
-        _fatal(f"--state {state_path}: {exc}")
+        _fatal(failure_message(exc, state_path))
     except OSError as exc:  # names the file: the report, the state's lock, the log, a full disk
         _fatal(str(exc))
     if not quiet:
@@ -406,25 +411,26 @@ def _outside_class_folders(option: str, path: Path, data_dir: Path) -> None:
                                "as X-rays of that class next time")
 
 
-def _check_writable(option: str, path: Path, also_beside_link: bool = False) -> None:
-    """Refuse an output that cannot be written before a night's scoring is spent on it."""
+def _cannot_write(option: str, path: Path, also_beside_link: bool = False) -> str:
+    """Why an output cannot be written, found before a night's scoring is spent on it, or ""."""
     real = Path(os.path.realpath(path))  # a symlink is written through to its target
     folders = {real.parent, path.absolute().parent} if also_beside_link else {real.parent}
     for folder in sorted(folders):
         if problem := cannot_write_in(folder):
-            _fatal(f"{option}: {problem}")
+            return f"{option}: {problem}"
+    return ""
 
 
-def _check_appendable(option: str, path: Path) -> None:
+def _cannot_append(option: str, path: Path) -> str:
     """An existing file only appended to need not have a writable folder; a device (/dev/stdout)
     works too, but a FIFO nobody reads would block the run, lock held, until the next night's."""
     if not path.exists():  # Click has refused a folder
-        _check_writable(option, path)
-        return
+        return _cannot_write(option, path)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
     except OSError as exc:
-        _fatal(f"{option}: cannot append to {path}: {exc.strerror}")
+        return f"{option}: cannot append to {path}: {exc.strerror}"
+    return ""
 
 
 def _standard_streams_open() -> None:

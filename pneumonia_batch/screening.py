@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -70,6 +71,24 @@ class AuditLog:
             self.handle.close()
 
 
+def failure_message(exc: BaseException, state_path: Path | None) -> str:
+    """What a run a failure stopped says, on stderr and in the audit log alike."""
+    if isinstance(exc, sqlite3.Error):  # "file is not a database": which file, SQLite does not say
+        return f"--state {state_path}: {exc}"
+    return str(exc)
+
+
+def log_refused_run(path: Path, directory: Path, error: str) -> None:
+    """The one line of a run stopped before it started (no model, an output folder it cannot write),
+    so the log has every night.  A log that cannot take it changes nothing: the error is on stderr."""
+    with suppress(OSError):
+        audit = AuditLog(path, new_run_id())
+        try:
+            audit.event("run_failed", directory=str(directory), error=discover.one_line(error))
+        finally:
+            audit.close()
+
+
 def _ends_mid_line(path: Path) -> bool:
     """Whether a log file ends part-way through a line, as a disk that filled mid-write leaves it."""
     try:
@@ -92,12 +111,7 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
     summary = RunSummary(run_id=new_run_id(), model=str(info.path), model_sha256=info.sha256,
                          threshold=info.threshold, threshold_source=info.threshold_source)
     with ExitStack() as stack:
-        state = None
-        if options.state:
-            stack.enter_context(StateLock(options.state))
-            state = State(options.state, options.directory)
-            stack.callback(state.close)
-        audit = AuditLog(options.log_file, summary.run_id)
+        audit = AuditLog(options.log_file, summary.run_id)  # first: a lock held or a damaged state is logged
         stack.callback(audit.close)
 
         def note_unfinished(exc_type, exc, traceback):  # a run that ends without run_end says why
@@ -105,11 +119,16 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
                 audit.event("run_interrupted")
             elif exc is not None:  # a model, state or disk failure: exit 4
                 with suppress(CannotWrite):  # the log itself may be what failed
-                    audit.event("run_failed", error=discover.one_line(str(exc)))
+                    audit.event("run_failed", error=discover.one_line(failure_message(exc, options.state)))
 
         stack.push(note_unfinished)
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
+        state = None
+        if options.state:
+            stack.enter_context(StateLock(options.state))
+            state = State(options.state, options.directory)
+            stack.callback(state.close)
 
         is_own = _own_outputs(options)
         files = [f for f in discover.walk(options.directory) if not is_own(f.path)]

@@ -779,6 +779,32 @@ def test_the_audit_log_outlives_a_line_cut_short_and_says_why_a_run_failed(tmp_p
     assert events[-1]["error"] == "m.tflite does not match the sha256 recorded in the model's metadata"
 
 
+def test_a_night_stopped_before_scoring_is_in_the_audit_log_with_its_error(tmp_path):
+    """A missing model, a report folder gone, a damaged state, a lock held: each night is in the log,
+    with the error stderr gave, so an audit from the log alone misses none."""
+    studies = make_studies(tmp_path / "studies", 1)
+    damaged = tmp_path / "damaged.db"
+    damaged.write_text("not a database\n")
+    held = tmp_path / "held.db"
+    nights = [
+        (["--out", tmp_path / "r.csv", "--model", tmp_path / "none.keras"], 4, ["run_failed"]),
+        (["--out", tmp_path / "gone" / "r.csv"], 4, ["run_failed"]),
+        (["--out", tmp_path / "r.csv", "--state", damaged], 4, ["run_start", "run_failed"]),
+        (["--out", tmp_path / "r.csv", "--state", held], 3, ["run_start", "run_failed"]),
+    ]
+    for n, (args, code, expected) in enumerate(nights):
+        log = tmp_path / f"audit{n}.jsonl"
+        with StateLock(held):
+            result = run(studies, *args, "--log-file", log)
+        assert result.returncode == code, result.stderr
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [e["event"] for e in events] == expected
+        assert f"{events[-1]['error']}\n" == result.stderr.removeprefix("error: ")
+        assert len({e["run_id"] for e in events}) == 1
+    assert events[-1]["error"].startswith(f"another run holds {held}.lock (pid {os.getpid()},")
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_an_export_copy_stopped_half_way_leaves_no_truncated_file(tmp_path, monkeypatch):
     from pneumonia_batch import export
 
