@@ -158,8 +158,8 @@ class ExportOutcome:
         if not self.incomplete:
             return ""
         first = next(iter(self.incomplete.values()))
-        return (f"{len(self.incomplete)} of {self.exported} flagged studies exported incompletely "
-                f"(first: {first}); their result.json lists each file's error")
+        return (f"{len(self.incomplete)} of {self.exported} flagged studies not exported whole "
+                f"(first: {first}); a study folder's result.json lists each file's error")
 
 
 def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo,
@@ -176,11 +176,16 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     outcome = ExportOutcome(exported=len(flagged))
     model = None
     for study, record in flagged:
-        folder = _inside(export_dir, export_dir / study_folder_name(record, real_root))
-        try:
-            folder.mkdir(exist_ok=True)
-        except OSError as exc:  # stops the export: name the study, its folder's name is partly a hash
-            raise OSError(f"study {record['study_id']}: cannot make {folder}: {exc.strerror or exc}") from exc
+        folder = export_dir / study_folder_name(record, real_root)
+        try:  # the study, named: its folder's name is partly a hash
+            _inside(export_dir, folder).mkdir(exist_ok=True)
+        except ValueError as exc:  # a link placed where its folder goes
+            outcome.incomplete[record["study_key"]] = f"study {record['study_id']}: {exc}"
+            continue  # the other studies, the worklist and the page are still made
+        except OSError as exc:  # a file in its place
+            outcome.incomplete[record["study_key"]] = one_line(
+                f"study {record['study_id']}: cannot make {folder}: {exc.strerror or exc}")
+            continue
         earlier = _earlier_images(folder)
         known_thumbnails = {image["overlay"]: thumbnail for image in earlier
                             if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}

@@ -159,9 +159,9 @@ def test_an_error_spanning_lines_is_one_line_in_the_result_and_the_summary(tmp_p
     (image,) = json.loads((folder / "result.json").read_text())["images"]
     assert image["overlay_error"] == ("ValueError: A merge layer should be called on a list of inputs. "
                                       "Received: inputs=tf.Tensor( [[1. 2.] [3. 4.]]) (not a list of tensors)")
-    assert outcome.problem() == (f"1 of 1 flagged studies exported incompletely (first: child001: "
+    assert outcome.problem() == (f"1 of 1 flagged studies not exported whole (first: child001: "
                                  f"child001/cxr.jpeg: no overlay: {image['overlay_error']}); "
-                                 "their result.json lists each file's error")
+                                 "a study folder's result.json lists each file's error")
 
 
 def test_earlier_entries_are_told_apart_by_screened_folder_and_by_content(tmp_path):

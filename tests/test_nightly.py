@@ -727,14 +727,27 @@ def test_export_copies_symlinked_files_and_a_failed_export_still_writes_the_repo
     assert len(exported) == 2 and not any(p.is_symlink() for p in exported)
     assert all(p.read_bytes() == (studies / "child000" / "cxr.jpeg").read_bytes() for p in exported)
 
-    shutil.rmtree(folder)  # the study's export folder is now taken by a file: the export fails
+    make_studies(tmp_path / "more", 3)
+    for name in ("child001", "child002"):
+        shutil.move(tmp_path / "more" / name, studies / name)
+    shutil.rmtree(folder)  # child000's export folder is now taken by a file
     folder.write_text("not a folder")
+    run(studies, "--out", tmp_path / "r2.csv", "--threshold", "0", "--export-flagged", export)  # child001's folder
+    (linked,) = [p for p in export.iterdir()
+                 if p.is_dir() and json.loads((p / "result.json").read_text())["study_id"] == "child001"]
+    shutil.rmtree(linked)  # and child001's is a link out of the export
+    (tmp_path / "elsewhere").mkdir()
+    linked.symlink_to(tmp_path / "elsewhere")
     result = run(studies, "--out", tmp_path / "r2.csv", "--threshold", "0", "--export-flagged", export)
     assert result.returncode == 1
-    assert (f"review export failed: study child000: cannot make {folder}: File exists (1 flagged studies of "
-            "this run not exported)") in result.stderr.splitlines()[-1]  # the study, not only its folder's hash
-    assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"]
-    assert folder.read_text() == "not a folder"
+    assert result.stderr.splitlines()[-1].endswith(  # the study, not only its folder's hash
+        f"; review export failed: 2 of 3 flagged studies not exported whole (first: study child000: cannot "
+        f"make {folder}: File exists); a study folder's result.json lists each file's error")
+    assert [r["status"] for r in rows(tmp_path / "r2.csv")] == ["scored"] * 3
+    assert folder.read_text() == "not a folder" and list((tmp_path / "elsewhere").iterdir()) == []
+    # the study it could export is on the night's worklist and page all the same
+    assert [r["study_id"] for r in rows(export / "worklist.csv")] == ["child002"]
+    assert 'data-study="child002"' in (export / "index.html").read_text()
 
 
 def model_copy(folder: Path, keras_bytes: bytes) -> Path:
