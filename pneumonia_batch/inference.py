@@ -156,6 +156,9 @@ def make_runner(info: ModelInfo, runtime: str, batch_size: int):
     if runtime == "auto":
         runtime = "tflite" if converted else "keras"
     if runtime == "tflite":
+        if converted is None and not info.metadata:  # convert pins its output in the metadata
+            raise ModelError(f"--runtime tflite needs the model's metadata, which {info.path.name} has not; "
+                             "use --runtime keras")
         if converted is None:
             raise ModelError(f"no TFLite conversion of {info.path.name}; run "
                              f"'python -m pneumonia_batch convert --model {info.path}'")

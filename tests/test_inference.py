@@ -85,6 +85,19 @@ def test_short_batches_are_padded_to_the_compiled_shape(keras_runner, full_input
     np.testing.assert_allclose(keras_runner.predict(full_inputs[:3]), whole[:3], atol=1e-5)
 
 
+def test_tflite_for_a_model_without_metadata_says_what_works_instead(tmp_path):
+    """convert needs the metadata it pins the conversion in: suggesting it would fail too."""
+    model = tmp_path / "theirs.keras"
+    model.symlink_to(DEFAULT_MODEL.resolve())
+    tflite_path(model).symlink_to(tflite_path(DEFAULT_MODEL).resolve())  # the conversion alone proves nothing
+    info = read_model_info(model, input_scale="raw", threshold=0.3)
+    with pytest.raises(ModelError) as refusal:
+        make_runner(info, "tflite", 4)
+    assert str(refusal.value) == ("--runtime tflite needs the model's metadata, which theirs.keras has not; "
+                                  "use --runtime keras")
+    assert make_runner(info, "auto", 4).name == "keras"
+
+
 def test_auto_runtime_on_cpu_is_tflite(info):
     assert make_runner(info, "auto", 16).name == "tflite"
 
