@@ -195,7 +195,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
         for item in study.files:
             name = exported_name(item)
             entry = {"file": item.rel, "screened": screened_name, "exported_as": name, "status": item.status,
-                     "probability": item.probability, "note": item.note}  # "first of 3 frames"
+                     "reason": item.reason, "probability": item.probability, "note": item.note}
             refusal = _copy_refusal(item.path, real_root)
             if refusal:
                 entry.update(exported_as=None, not_exported=refusal)
@@ -377,11 +377,19 @@ def _caption(image, threshold) -> str:
 
 
 def _note(image) -> str:
-    """What the report noted of an image (``first of 3 frames``: the others were not looked at)."""
-    if not (isinstance(image, dict) and isinstance(image.get("file"), str)
-            and isinstance(image.get("note"), str) and image["note"]):
+    """Why an image of the study was not scored, and what the report noted of it (``first of 3
+    frames``): the card's probability is its scored images' alone, and a reader must know which."""
+    if not (isinstance(image, dict) and isinstance(image.get("file"), str)):
         return ""
-    return f'<div class="note">{html.escape(image["file"])}: {html.escape(image["note"])}</div>'
+    said = []
+    status, reason = image.get("status"), image.get("reason")
+    if status in ("skipped", "error") and isinstance(reason, str) and reason:
+        said.append(f"not scored ({reason if status == 'skipped' else f'error: {reason}'})")
+    if isinstance(image.get("note"), str) and image["note"]:
+        said.append(image["note"])
+    if not said:
+        return ""
+    return f'<div class="note">{html.escape(image["file"])}: {html.escape("; ".join(said))}</div>'
 
 
 PAGE = """<!DOCTYPE html>

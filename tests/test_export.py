@@ -111,6 +111,32 @@ def test_long_file_names_keep_their_suffix_in_the_export(name, exported):
     assert len(digest) == 8 and rest == exported and len(rest) <= 40
 
 
+def test_the_page_says_which_images_of_a_flagged_study_were_not_scored_and_why(tmp_path):
+    """The card's probability is its scored images' alone: a lateral the filter skipped and a frontal
+    that could not be read are named, so the reader knows the model never looked at them."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    study_uid = "1.2.826.0.1.3680043.8.498.77"
+    save(make_dataset(chest_pixels(), study_uid=study_uid), studies / "frontal.dcm")
+    save(make_dataset(chest_pixels(), study_uid=study_uid, view="LL"), studies / "lateral.dcm")
+    cut = make_dataset(chest_pixels(), study_uid=study_uid)
+    cut.PixelData = cut.PixelData[:1000]
+    save(cut, studies / "cut.dcm")
+    export = tmp_path / "review"
+    result = run(studies, "--out", tmp_path / "r.json", "--threshold", "0", "--export-flagged", export)
+    assert result.returncode == 1, result.stderr  # the cut file is an error row
+    reported = {i["file"]: i for i in json.loads((tmp_path / "r.json").read_text())["studies"][0]["images"]}
+    assert [reported[f]["status"] for f in ("cut.dcm", "frontal.dcm", "lateral.dcm")] == ["error", "scored", "skipped"]
+    (folder,) = study_folders(export)
+    exported = {i["file"]: i for i in json.loads((folder / "result.json").read_text())["images"]}
+    assert {f: exported[f]["reason"] for f in exported} == {f: reported[f]["reason"] for f in reported}
+    page = (export / "index.html").read_text()
+    assert '<div class="note">lateral.dcm: not scored (not_frontal_view)</div>' in page
+    assert (f'<div class="note">cut.dcm: not scored (error: {reported["cut.dcm"]["reason"]})</div>'
+            .replace("'", "&#x27;")) in page
+    assert "frontal.dcm: not scored" not in page and "1 image(s) scored" in page
+
+
 def test_the_multi_frame_note_reaches_the_result_and_the_page(tmp_path):
     """The report says only the first of the frames was looked at; so must the review."""
     studies = tmp_path / "studies"
