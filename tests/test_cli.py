@@ -53,6 +53,10 @@ def test_examples_report(tmp_path):
     assert {r["threshold"] for r in report.values()} == {str(meta["threshold"]["value"])}
     assert {r["model_sha256"] for r in report.values()} == {meta["sha256"]}
     assert "4 studies scored, 4 flagged" in result.stderr and "0 file errors" in result.stderr
+    rg1 = next(r for r in report.values() if r["files"] == "dicom/RG1_J2KR.dcm")  # from its header
+    assert [rg1[c] for c in ("patient_id", "accession_number", "study_date", "n_images")] == \
+        ["9RG1", "exam Number", "20040826", "1"]
+    assert report["paediatric-normal"]["n_images"] == "2"
     # examples/README.md documents the normal study as a false positive at the shipped threshold
     assert report["paediatric-normal"]["flagged"] == "true"
     assert float(report["paediatric-normal"]["probability"]) == pytest.approx(0.21, abs=0.01)
@@ -122,8 +126,13 @@ def test_messy_folder_gives_a_row_for_every_file_and_no_crash(messy, tmp_path):
     assert images["empty.dcm"]["reason"] == "empty file"
     assert images["notes.txt"]["reason"] == "not_an_image"
     assert images["broken.png"]["status"] == "error"
-    assert doc["run"]["counts"]["file_errors"] == 6
-    assert "6 file errors" in result.stderr
+    counts = {k: v for k, v in doc["run"]["counts"].items() if k != "flagged"}  # flagged: the model's call
+    assert counts == {"studies": 12, "scored": 2, "skipped": 4, "deferred": 0, "error_studies": 6, "files": 12,
+                      "images_scored": 2, "file_errors": 6, "previous_studies": 0}
+    assert "2 studies scored" in result.stderr and "4 skipped, 6 file errors" in result.stderr
+    # n_images: DICOM, PNG and JPEG files; a text file, an empty file or a link loop is none
+    n_images = {s["study_id"]: s["n_images"] for s in doc["studies"] if not s["study_id"][0].isdigit()}
+    assert n_images == {"broken.png": 1, "empty.dcm": 0, "kid": 1, "loop1": 0, "loop2": 0, "notes.txt": 0}
 
 
 def test_csv_neutralises_formulas_from_headers(messy, tmp_path):
@@ -316,6 +325,35 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.csv", "plain-file", "read-only"]
 
 
+def as_ordinary_user(command: list[str]) -> list[str]:
+    """The command, run without root's power to read and write anywhere, when the tests run as root."""
+    if os.geteuid() != 0:
+        return command
+    if not shutil.which("capsh"):
+        pytest.skip("capsh is needed to run without root's permission override")
+    return ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+
+
+def test_an_unreadable_folder_or_file_is_an_error_row_not_a_silent_drop(tmp_path):
+    studies = tmp_path / "studies"
+    shutil.copytree(EXAMPLES / "paediatric-pneumonia", studies / "kid")
+    shutil.copytree(EXAMPLES / "paediatric-normal", studies / "locked")
+    secret = studies / "kid" / PNEUMONIA_JPEG.name
+    command = as_ordinary_user([sys.executable, str(ROOT / "screen.py"), str(studies), "--out",
+                                str(tmp_path / "r.csv"), "--no-progress"])
+    (studies / "locked").chmod(0)
+    secret.chmod(0)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    finally:
+        (studies / "locked").chmod(0o755)
+        secret.chmod(0o644)
+    assert result.returncode == 1 and "2 file errors" in result.stderr, result.stderr
+    report = {r["study_id"]: (r["status"], r["n_scored"], r["reason"]) for r in rows(tmp_path / "r.csv")}
+    assert report == {"kid": ("scored", "1", "error: cannot read: Permission denied (1)"),
+                      "locked": ("error", "0", "error: folder not readable: Permission denied (1)")}
+
+
 def test_an_existing_log_in_a_closed_folder_is_appended_to(tmp_path):
     """A log file the service may write, in a folder it may not (say /var/log)."""
     logs = tmp_path / "logs"
@@ -324,12 +362,8 @@ def test_an_existing_log_in_a_closed_folder_is_appended_to(tmp_path):
     log.write_text("")
     log.chmod(0o666)
     logs.chmod(0o555)
-    command = [sys.executable, str(ROOT / "screen.py"), str(EXAMPLES), "--out", str(tmp_path / "r.csv"),
-               "--log-file", str(log), "--no-progress"]
-    if os.geteuid() == 0:  # root writes anywhere: the run drops that power
-        if not shutil.which("capsh"):
-            pytest.skip("capsh is needed to run without root's permission override")
-        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)]
+    command = as_ordinary_user([sys.executable, str(ROOT / "screen.py"), str(EXAMPLES), "--out",
+                                str(tmp_path / "r.csv"), "--log-file", str(log), "--no-progress"])
     try:
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     finally:

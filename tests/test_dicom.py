@@ -554,6 +554,28 @@ def test_real_radiographs_are_not_blank_however_windowed(tmp_path, pixels):
     assert len(np.unique(array)) > 40
 
 
+def test_each_blank_rule_refuses_on_its_own_and_stops_at_its_limit():
+    """Fewer than 16 grey levels however evenly spread, or 95 % of the pixels at one level however many
+    levels the rest hold; one level more, or a pixel fewer at that level, is an image to score."""
+    from PIL import Image
+
+    from pneumonia_batch.preprocess import check_not_blank
+
+    def grey(values):
+        return Image.fromarray(np.asarray(values, np.uint8).reshape(100, -1))
+
+    few = np.repeat(np.arange(0, 240, 16), 100)[:1500]  # 15 levels, under 7 % each
+    check_not_blank(grey(np.append(few, [255] * 100)))  # a 16th
+    with pytest.raises(NothingToScreen, match="^blank_image: 15 grey levels, 6.6% of the pixels at level 0$"):
+        check_not_blank(grey(few))
+    index = np.arange(10000)
+    one_level = np.where(index < 9500, 7, 8 + index % 192)  # 95 % at level 7, the rest over 192 levels
+    with pytest.raises(NothingToScreen, match="^blank_image: 193 grey levels, 95.0% of the pixels at level 7$"):
+        check_not_blank(grey(one_level))
+    one_level[0] = 6
+    check_not_blank(grey(one_level))  # 94.99 %
+
+
 @pytest.mark.parametrize("mode, value", [("L", 128), ("I;16", 3000), ("RGB", (40, 40, 40))])
 def test_a_blank_png_or_jpeg_is_skipped_rather_than_scored(tmp_path, mode, value):
     from PIL import Image

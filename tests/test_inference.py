@@ -98,6 +98,23 @@ def test_tflite_for_a_model_without_metadata_says_what_works_instead(tmp_path):
     assert make_runner(info, "auto", 4).name == "keras"
 
 
+def test_a_conversion_of_an_earlier_model_is_never_run(tmp_path):
+    """A model retrained in place beside its old .tflite: the conversion is intact (its own sha256
+    matches) but was made from another model, so the new model runs on Keras, never the old one."""
+    import hashlib
+    import json
+
+    model = tmp_path / "m.keras"
+    model.write_bytes(DEFAULT_MODEL.read_bytes() + b"\0")  # another sha256, the same network
+    tflite_path(model).write_bytes(tflite_path(DEFAULT_MODEL).read_bytes())
+    meta = json.loads(metadata_path(DEFAULT_MODEL).read_text())
+    meta["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()  # the tflite entry is the old model's
+    metadata_path(model).write_text(json.dumps(meta))
+    info = read_model_info(model)
+    assert converted_model(info) is None
+    assert make_runner(info, "auto", 4).name == "keras"
+
+
 def test_auto_runtime_on_cpu_is_tflite(info):
     assert make_runner(info, "auto", 16).name == "tflite"
 

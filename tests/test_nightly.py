@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -148,6 +149,97 @@ def test_other_threshold_rescores(tmp_path):
     assert [r["threshold"] for r in rows(tmp_path / "r2.csv")] == ["0.5"]
 
 
+def test_a_file_changed_in_size_or_date_alone_is_scored_and_reported_again(tmp_path):
+    """A corrected re-send copied with ``cp -p`` keeps the old date but not the old size; a file
+    touched again keeps its size: either way the stored result may be of other pixels."""
+    studies = make_studies(tmp_path / "studies", 2)
+    state = tmp_path / "state.db"
+    assert run(studies, "--out", tmp_path / "r1.csv", "--state", state).returncode == 0
+    first = image_rows(state)
+    normal = studies / "child000" / "cxr.jpeg"
+    shutil.copy(PNEUMONIA_JPEG, normal)  # another image, another size, the same date
+    os.utime(normal, (OLD, OLD))
+    assert normal.stat().st_size != NORMAL_JPEG.stat().st_size
+    touched = studies / "child001" / "cxr.jpeg"
+    os.utime(touched, (OLD - 60, OLD - 60))  # the same bytes, another date
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state)
+    assert result.returncode == 0, result.stderr
+    report = {r["study_id"]: r for r in rows(tmp_path / "r2.csv")}
+    assert sorted(report) == ["child000", "child001"]
+    after = image_rows(state)
+    assert after["child000/cxr.jpeg"][0] == after["child001/cxr.jpeg"][0] != first["child000/cxr.jpeg"][0]
+    # the re-sent image's own probability, not the stored one of the image it replaced
+    assert float(report["child000"]["probability"]) == pytest.approx(first["child001/cxr.jpeg"][1], abs=1e-6)
+    assert float(report["child000"]["probability"]) != pytest.approx(first["child000/cxr.jpeg"][1], abs=1e-3)
+    assert float(report["child001"]["probability"]) == pytest.approx(first["child001/cxr.jpeg"][1], abs=1e-6)
+
+
+def test_another_model_at_the_same_threshold_scores_again(tmp_path):
+    """A new model's report must carry its own probabilities, not last night's model's under its name."""
+    studies = make_studies(tmp_path / "studies", 1)
+    state = tmp_path / "state.db"
+    assert run(studies, "--out", tmp_path / "r1.csv", "--state", state).returncode == 0
+    first = image_rows(state)
+    model = model_copy(tmp_path, b"another model")
+    new_sha = json.loads((tmp_path / "m.json").read_text())["sha256"]
+    assert new_sha != SHIPPED_SHA
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--model", model)
+    assert result.returncode == 0, result.stderr
+    (study,) = rows(tmp_path / "r2.csv")
+    assert (study["study_id"], study["status"], study["model_sha256"]) == ("child000", "scored", new_sha)
+    assert study["threshold"] == rows(tmp_path / "r1.csv")[0]["threshold"]
+    assert image_rows(state)["child000/cxr.jpeg"][0] != first["child000/cxr.jpeg"][0]  # scored again
+    with sqlite3.connect(state) as db:
+        assert db.execute("SELECT model_sha256 FROM images").fetchall() == [(new_sha,)]
+
+
+def test_include_previous_lists_a_grown_study_once_with_its_new_result(tmp_path):
+    """A study reported last night that grew by an image: the full report has its new row only,
+    not also last night's with one image fewer, and counts it as this run's, not an earlier one."""
+    studies = make_studies(tmp_path / "studies", 2)
+    state = tmp_path / "state.db"
+    assert run(studies, "--out", tmp_path / "r1.csv", "--state", state).returncode == 0
+    first = {r["study_id"]: r for r in rows(tmp_path / "r1.csv")}
+    shutil.copy(NORMAL_JPEG, studies / "child001" / "second.jpeg")
+    os.utime(studies / "child001" / "second.jpeg", (OLD, OLD))
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--include-previous")
+    assert result.returncode == 0, result.stderr
+    report = rows(tmp_path / "r2.csv")
+    assert sorted((r["study_id"], r["n_images"]) for r in report) == [("child000", "1"), ("child001", "2")]
+    grown = next(r for r in report if r["study_id"] == "child001")
+    assert grown["run_id"] != first["child001"]["run_id"]
+    assert grown["files"] == "child001/cxr.jpeg;child001/second.jpeg"
+    assert next(r for r in report if r["study_id"] == "child000") == first["child000"]
+    assert "1 studies scored" in result.stderr and "(+1 from earlier runs)" in result.stderr
+
+
+def test_one_state_file_for_two_folders_keeps_their_studies_apart(tmp_path):
+    """Two nightly jobs sharing one --state: folder A's studies are no earlier runs of folder B, and
+    B's study named like one of A's is reported for B, also when it is only B's report that is
+    still owed (its flagged study's export failed)."""
+    a = make_studies(tmp_path / "a", 2)
+    b = make_studies(tmp_path / "b", 1)
+    shutil.copy(PNEUMONIA_JPEG, b / "child000" / "cxr.jpeg")  # B's child000 is not A's
+    os.utime(b / "child000" / "cxr.jpeg", (OLD, OLD))
+    state = tmp_path / "state.db"
+    assert run(a, "--out", tmp_path / "a.csv", "--state", state, "--threshold", "0").returncode == 0
+    a_child000 = next(r for r in rows(tmp_path / "a.csv") if r["study_id"] == "child000")
+    blocker = tmp_path / "share"
+    blocker.write_text("the review share is not mounted")
+    args = ["--state", state, "--threshold", "0", "--include-previous"]
+    first = run(b, "--out", tmp_path / "b1.csv", *args, "--export-flagged", blocker / "review")
+    assert first.returncode == 1 and "review export failed" in first.stderr
+    assert "from earlier runs" not in first.stderr
+    (study,) = rows(tmp_path / "b1.csv")
+    assert (study["study_id"], study["files"]) == ("child000", "child000/cxr.jpeg")
+    assert study["probability"] != a_child000["probability"]
+    second = run(b, "--out", tmp_path / "b2.csv", *args)  # the export missed it: reported again
+    assert second.returncode == 0, second.stderr
+    assert "1 studies scored" in second.stderr and "from earlier runs" not in second.stderr
+    assert [(r["study_id"], r["probability"]) for r in rows(tmp_path / "b2.csv")] == [
+        ("child000", study["probability"])]
+
+
 def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     studies = make_studies(tmp_path / "studies", 1)
     state = tmp_path / "state.db"
@@ -156,6 +248,22 @@ def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
     assert result.returncode == 3
     assert f"pid {os.getpid()}" in result.stderr
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_the_lock_line_of_a_dead_run_is_replaced_whole(tmp_path):
+    """A lock file left by a run long gone, its line longer than ours: a concurrent run names the
+    run holding the lock now, not a mix of it and the dead one (the pid an operator would kill)."""
+    studies = make_studies(tmp_path / "studies", 1)
+    state = tmp_path / "state.db"
+    dead = "pid 987654321, started 2020-01-01T00:00:00+00:00 by a run that has long since ended\n"
+    Path(f"{state}.lock").write_text(dead * 2)
+    with StateLock(state):
+        holder = Path(f"{state}.lock").read_text()
+        result = run(studies, "--out", tmp_path / "r.csv", "--state", state)
+    assert result.returncode == 3
+    assert "987654321" not in result.stderr
+    assert result.stderr == f"error: another run holds {state}.lock ({holder.strip()})\n"
+    assert re.fullmatch(rf"pid {os.getpid()}, started [-0-9T:+]+\n", holder), holder
 
 
 
@@ -314,14 +422,17 @@ def test_study_still_arriving_is_deferred_then_picked_up(tmp_path):
     os.utime(studies / "child001" / "lateral.jpeg", (OLD, OLD))
     os.utime(studies / "child001" / "cxr.jpeg")  # just copied in
     state = tmp_path / "state.db"
-    run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
+    result = run(studies, "--out", tmp_path / "r1.csv", "--state", state, "--min-age", "60")
+    assert "1 studies scored" in result.stderr  # the monitor watches the deferred count go down
+    assert "0 skipped, 1 deferred, 0 file errors" in result.stderr
     first = {r["study_id"]: (r["status"], r["reason"]) for r in rows(tmp_path / "r1.csv")}
     assert first == {"child000": ("scored", ""), "child001": (
         "deferred", "deferred: modified less than 60 s ago (1); "
                     "deferred: waiting for child001/cxr.jpeg, modified less than 60 s ago (1)")}
     os.utime(studies / "child001" / "cxr.jpeg", (OLD, OLD))
-    run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
+    result = run(studies, "--out", tmp_path / "r2.csv", "--state", state, "--min-age", "60")
     assert {r["study_id"]: r["status"] for r in rows(tmp_path / "r2.csv")} == {"child001": "scored"}
+    assert "1 studies scored" in result.stderr and "deferred" not in result.stderr
 
 
 
@@ -1031,6 +1142,10 @@ def test_links_placed_in_the_review_folder_are_replaced_never_written_through(tm
     assert (folder / copy).read_bytes() == image.read_bytes()
     assert (folder / entry["overlay"]).read_bytes().startswith(b"\x89PNG")
     assert "child000" in (export / "worklist.csv").read_text() and "thumbnail_error" not in entry
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("worklist.csv", "index.html", f"{folder.name}/result.json"):  # not the link's rwxrwxrwx
+        assert stat.S_IMODE((export / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_a_new_model_draws_its_own_overlays(tmp_path):

@@ -38,6 +38,17 @@ def test_csv_rows_flags_and_formula_neutralising():
     assert rows[0]["files"] == "s1/0.png;s1/1.png"
 
 
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r", "'"])
+def test_every_cell_a_spreadsheet_reads_as_a_formula_is_quoted(start):
+    """Excel and LibreOffice take a cell starting with any of these for a formula (OWASP CSV
+    injection); a leading quote gets one more, so removing one always gives the text back."""
+    record = report.study_record(study("s1", f"{start}cmd|' /C calc'!A0", [0.2]), 0.5, "abc", "run1")
+    (row,) = csv.DictReader(io.StringIO(report.render_csv([record])))
+    assert row["patient_id"] == f"'{start}cmd|' /C calc'!A0"
+    plain = report.study_record(study("s1", "P001", [0.2]), 0.5, "abc", "run1")
+    assert next(csv.DictReader(io.StringIO(report.render_csv([plain]))))["patient_id"] == "P001"
+
+
 def test_the_reported_probability_is_the_one_flagged_on():
     """Unrounded, so that filtering the report on probability >= threshold gives its flagged studies,
     also for a study a hair below a threshold that is itself a model output."""
@@ -149,14 +160,15 @@ def test_a_replaced_report_keeps_its_owner_and_group(tmp_path):
     assert target.read_text().startswith("study_id,")
 
 
-def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_path, monkeypatch):
-    """The rename is flushed with the folder; some file systems refuse that, and the report is
-    in place all the same."""
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOTSUP, errno.EACCES])
+def test_the_folder_is_flushed_and_one_that_cannot_be_still_gets_the_report(tmp_path, monkeypatch, refusal):
+    """The rename is flushed with the folder; some file systems refuse that (a share: EINVAL,
+    ENOTSUP, or EACCES for a folder opened read-only), and the report is in place all the same."""
     flushed = []
 
     def folder_fsync_refused(path):
         flushed.append(Path(path))
-        raise OSError(errno.EINVAL, "Invalid argument")
+        raise OSError(refusal, os.strerror(refusal))
 
     monkeypatch.setattr("pneumonia_batch.atomic.fsync_path", folder_fsync_refused)
     target = tmp_path / "report.csv"
