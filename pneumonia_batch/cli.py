@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 from typing import Callable
@@ -423,9 +424,12 @@ def _cannot_write(option: str, path: Path, also_beside_link: bool = False) -> st
 
 def _cannot_append(option: str, path: Path) -> str:
     """An existing file only appended to need not have a writable folder; a device (/dev/stdout)
-    works too, but a FIFO nobody reads would block the run, lock held, until the next night's."""
+    works too.  A FIFO is left to the log's own opening: opened and closed here, it would end a
+    reader that stops at its first end of file."""
     if not path.exists():  # Click has refused a folder
         return _cannot_write(option, path)
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        return ""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
     except OSError as exc:

@@ -81,7 +81,10 @@ def study_folder_name(record: dict, screened: Path) -> str:
 
 
 def _inside(root: Path, path: Path) -> Path:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve(strict=path.is_symlink())
+    except (OSError, RuntimeError) as exc:  # a link to itself: RuntimeError before Python 3.13
+        raise ValueError(f"a broken or looping link in the export folder: {path}") from exc
     if not resolved.is_relative_to(root.resolve()):
         raise ValueError(f"refusing to write outside the export folder: {path}")
     return path
@@ -150,7 +153,8 @@ def _copy(source: Path, target: Path) -> None:
 
 @dataclass
 class ExportOutcome:
-    exported: int = 0
+    flagged: int = 0
+    exported: int = 0  # with a study folder, whole or not
     incomplete: dict[str, str] = field(default_factory=dict)  # study key -> the first problem
 
     def problem(self) -> str:
@@ -158,8 +162,11 @@ class ExportOutcome:
         if not self.incomplete:
             return ""
         first = next(iter(self.incomplete.values()))
-        return (f"{len(self.incomplete)} of {self.exported} flagged studies not exported whole "
-                f"(first: {first}); a study folder's result.json lists each file's error")
+        without_folder = self.flagged - self.exported
+        return (f"{len(self.incomplete)} of {self.flagged} flagged studies not exported whole (first: {first})"
+                + (f"; {without_folder} without a study folder" if without_folder else "")
+                + ("; a study folder's result.json lists each file's error"
+                   if len(self.incomplete) > without_folder else ""))
 
 
 def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], info: ModelInfo,
@@ -173,7 +180,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
     real_root = Path(screened).resolve()
     screened_name = readable(str(real_root))  # a night's paths are relative to the folder it screened
     flagged = [(s, r) for s, r in zip(studies, records) if r["flagged"]]
-    outcome = ExportOutcome(exported=len(flagged))
+    outcome = ExportOutcome(flagged=len(flagged))
     model = None
     for study, record in flagged:
         folder = export_dir / study_folder_name(record, real_root)
@@ -186,6 +193,7 @@ def export_flagged(export_dir: Path, studies: list[Study], records: list[dict], 
             outcome.incomplete[record["study_key"]] = one_line(
                 f"study {record['study_id']}: cannot make {folder}: {exc.strerror or exc}")
             continue
+        outcome.exported += 1
         earlier = _earlier_images(folder)
         known_thumbnails = {image["overlay"]: thumbnail for image in earlier
                             if (thumbnail := _stored_thumbnail(image)) and isinstance(image.get("overlay"), str)}

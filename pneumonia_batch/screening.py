@@ -49,7 +49,7 @@ class AuditLog:
     def __init__(self, path: Path | None, run_id: str):
         self.path = path
         self.cut_short = bool(path) and _ends_mid_line(path)  # then our first line starts a new one
-        self.handle = open(path, "a", encoding="utf-8") if path else None
+        self.handle = _open_to_append(path) if path else None
         self.run_id = run_id
 
     def event(self, kind: str, **fields) -> None:
@@ -78,15 +78,27 @@ def failure_message(exc: BaseException, state_path: Path | None) -> str:
     return str(exc)
 
 
-def log_refused_run(path: Path, directory: Path, error: str) -> None:
-    """The one line of a run stopped before it started (no model, an output folder it cannot write),
-    so the log has every night.  A log that cannot take it changes nothing: the error is on stderr."""
+def log_refused_run(path: Path | None, directory: Path, error: str) -> None:
+    """The one line of a run stopped before it started (no model, an output folder it cannot write,
+    a lock held, a damaged state), so the log has every night.  A log that cannot take it changes
+    nothing: the error is on stderr, and the exit code is the error's."""
     with suppress(OSError):
         audit = AuditLog(path, new_run_id())
         try:
             audit.event("run_failed", directory=str(directory), error=discover.one_line(error))
         finally:
             audit.close()
+
+
+def _open_to_append(path: Path):
+    """The log, opened once: a FIFO nobody reads is refused rather than waited on, lock held, until
+    the next night (a probe that opened and closed it first would end a reader such as ``cat``)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        raise CannotWrite(path, exc, "the audit log") from exc
+    os.set_blocking(fd, True)  # a slow reader is waited for
+    return open(fd, "a", encoding="utf-8")
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -111,7 +123,16 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
     summary = RunSummary(run_id=new_run_id(), model=str(info.path), model_sha256=info.sha256,
                          threshold=info.threshold, threshold_source=info.threshold_source)
     with ExitStack() as stack:
-        audit = AuditLog(options.log_file, summary.run_id)  # first: a lock held or a damaged state is logged
+        state = None
+        try:
+            if options.state:
+                stack.enter_context(StateLock(options.state))
+                state = State(options.state, options.directory)
+                stack.callback(state.close)
+        except Exception as exc:  # a lock held, a damaged state: the night is in the log all the same
+            log_refused_run(options.log_file, options.directory, failure_message(exc, options.state))
+            raise
+        audit = AuditLog(options.log_file, summary.run_id)
         stack.callback(audit.close)
 
         def note_unfinished(exc_type, exc, traceback):  # a run that ends without run_end says why
@@ -124,11 +145,6 @@ def screen(options: ScreenOptions, progress: Callable | None = None,
         stack.push(note_unfinished)
         audit.event("run_start", directory=str(options.directory), model=str(info.path),
                     model_sha256=info.sha256, threshold=info.threshold)
-        state = None
-        if options.state:
-            stack.enter_context(StateLock(options.state))
-            state = State(options.state, options.directory)
-            stack.callback(state.close)
 
         is_own = _own_outputs(options)
         files = [f for f in discover.walk(options.directory) if not is_own(f.path)]

@@ -159,6 +159,35 @@ def test_the_multi_frame_note_reaches_the_result_and_the_page(tmp_path):
     assert "<script>" not in page
 
 
+def test_a_looping_link_in_place_of_a_study_folder_fails_that_study_only(tmp_path):
+    """Anyone who can write in the review share can leave one: the night's report and the other
+    studies' export must not depend on it."""
+    studies = tmp_path / "studies"
+    records, flagged = [], []
+    info = ModelInfo(path=tmp_path / "m.keras", sha256="0" * 64, threshold=0.5, threshold_source="test",
+                     input_scale="raw", metadata={})
+    for name in ("child001", "child002"):
+        (studies / name).mkdir(parents=True)
+        path = studies / name / "notes.txt"
+        path.write_text("not an image")
+        item = InputFile(rel=f"{name}/notes.txt", path=path, size=12, mtime=OLD, status="skipped",
+                         reason="not_an_image")
+        flagged.append(Study(f"path:{name}", name, files=[item]))
+        records.append(dict(study_record(flagged[-1], info.threshold, info.sha256, "run-1"), flagged=True))
+    export = tmp_path / "review"
+    export.mkdir()
+    loop = export / study_folder_name(records[0], studies)
+    loop.symlink_to(loop.name)
+    outcome = export_flagged(export, flagged, records, info, studies)
+    assert (outcome.flagged, outcome.exported) == (2, 1)
+    assert outcome.problem() == (f"1 of 2 flagged studies not exported whole (first: study child001: a broken "
+                                 f"or looping link in the export folder: {loop}); 1 without a study folder")
+    assert loop.is_symlink()
+    assert json.loads((export / study_folder_name(records[1], studies) / "result.json").read_text())["study_id"] \
+        == "child002"
+    assert (export / "worklist.csv").is_file() and (export / "index.html").is_file()
+
+
 def test_an_error_spanning_lines_is_one_line_in_the_result_and_the_summary(tmp_path, monkeypatch):
     """Keras explains a failure over many lines; the run's summary is the one line cron mails."""
     from pneumonia_batch import export, model
