@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import sqlite3
-import stat
 import sys
 from pathlib import Path
 from typing import Callable
@@ -324,19 +323,18 @@ def screen(directory, out, fmt, model_path, threshold, input_scale, batch_size, 
     _check_outputs_apart({"--out": out, "--state": state_path, "--log-file": log_file, "--export-flagged": export_dir,
                           "--model": model_path, "--model's metadata": metadata_path(model_path),
                           "--model's TFLite conversion": tflite_path(model_path)})
-    log_problem = _cannot_append("--log-file", log_file) if log_file is not None else ""
-    # the state's lock file goes beside the name given, the database beside the link's target
+    # The log is not probed here: its one opening, at the run's start, refuses what cannot take it
+    # (a probe's open and close would end a FIFO reader such as ``cat``).  The state's lock file goes
+    # beside the name given, the database beside the link's target.
     problem = (_cannot_write("--out", out)
-               or (_cannot_write("--state", state_path, also_beside_link=True) if state_path else "")
-               or log_problem)
+               or (_cannot_write("--state", state_path, also_beside_link=True) if state_path else ""))
     if not problem:
         try:
             info = read_model_info(model_path, input_scale=input_scale, threshold=threshold)
         except ModelError as exc:
             problem = str(exc)
     if problem:
-        if log_file is not None and not log_problem:  # a night that never started is in the log too
-            log_refused_run(log_file, directory, problem)
+        log_refused_run(log_file, directory, problem)  # a night that never started is in the log too
         _fatal(problem)
     say = to_stderr if verbose and not quiet else (lambda m: None)
     say(f"model {info.path.name} sha256 {info.sha256[:12]}, "
@@ -419,21 +417,6 @@ def _cannot_write(option: str, path: Path, also_beside_link: bool = False) -> st
     for folder in sorted(folders):
         if problem := cannot_write_in(folder):
             return f"{option}: {problem}"
-    return ""
-
-
-def _cannot_append(option: str, path: Path) -> str:
-    """An existing file only appended to need not have a writable folder; a device (/dev/stdout)
-    works too.  A FIFO is left to the log's own opening: opened and closed here, it would end a
-    reader that stops at its first end of file."""
-    if not path.exists():  # Click has refused a folder
-        return _cannot_write(option, path)
-    if stat.S_ISFIFO(os.stat(path).st_mode):
-        return ""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
-    except OSError as exc:
-        return f"{option}: cannot append to {path}: {exc.strerror}"
     return ""
 
 

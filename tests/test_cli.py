@@ -313,7 +313,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, re
         args = ["--out", path] if option == "--out" else ["--out", report, option, path]
         result = run(EXAMPLES, *args, "--verbose")
         assert result.returncode == 4, result.stderr
-        assert f"error: {option}: cannot write in {read_only_folder}" in result.stderr
+        refusal = (f"error: cannot write the audit log {path}: " if option == "--log-file"  # at its opening
+                   else f"error: {option}: cannot write in {read_only_folder}")
+        assert refusal in result.stderr
         assert "images to score" not in result.stderr  # refused before any file was looked at
     (tmp_path / "plain-file").write_text("")
     result = run(EXAMPLES, "--out", tmp_path / "plain-file" / "r.csv")
