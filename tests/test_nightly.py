@@ -238,6 +238,10 @@ def test_one_state_file_for_two_folders_keeps_their_studies_apart(tmp_path):
     assert "1 studies scored" in second.stderr and "from earlier runs" not in second.stderr
     assert [(r["study_id"], r["probability"]) for r in rows(tmp_path / "b2.csv")] == [
         ("child000", study["probability"])]
+    third = run(b, "--out", tmp_path / "b3.csv", *args)  # nothing new: the full report is B's alone
+    assert third.returncode == 0 and "(+1 from earlier runs)" in third.stderr, third.stderr
+    assert [(r["study_id"], r["probability"]) for r in rows(tmp_path / "b3.csv")] == [
+        ("child000", study["probability"])]
 
 
 def test_concurrent_run_exits_3_naming_the_holder(tmp_path):
@@ -903,6 +907,31 @@ def test_the_audit_log_outlives_a_line_cut_short_and_says_why_a_run_failed(tmp_p
     assert events[-1]["error"] == "m.tflite does not match the sha256 recorded in the model's metadata"
 
 
+def test_a_log_read_through_a_fifo_waits_for_a_slow_reader(tmp_path):
+    """The log is opened without blocking, so that a FIFO nobody reads is refused; once open, its
+    writes must block again: a night's log outgrows a pipe's 64 KB while a reader is busy."""
+    from pneumonia_batch.atomic import CannotWrite
+    from pneumonia_batch.screening import AuditLog
+
+    fifo, out = tmp_path / "log.fifo", tmp_path / "read.jsonl"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time; log = open(sys.argv[1], 'rb'); "
+                               "time.sleep(1); open(sys.argv[2], 'wb').write(log.read())", str(fifo), str(out)])
+    for _ in range(100):  # until the reader has the FIFO open
+        try:
+            audit = AuditLog(fifo, "run-1")
+            break
+        except CannotWrite:
+            time.sleep(0.05)
+    else:
+        pytest.fail("the reader never opened the FIFO")
+    for n in range(2000):
+        audit.event("file", file=f"study{n:04d}/image.dcm", status="scored", reason="", probability=0.5, note="")
+    audit.close()
+    assert reader.wait(timeout=60) == 0
+    assert len(out.read_text().splitlines()) == 2000 and out.stat().st_size > 3 * 65536
+
+
 def test_a_night_stopped_before_scoring_is_in_the_audit_log_with_its_error(tmp_path):
     """A missing model, a report folder gone, a damaged state, a lock held: each night is in the log,
     with the error stderr gave, so an audit from the log alone misses none."""
@@ -926,6 +955,8 @@ def test_a_night_stopped_before_scoring_is_in_the_audit_log_with_its_error(tmp_p
         assert f"{events[-1]['error']}\n" == result.stderr.removeprefix("error: ")
         assert len({e["run_id"] for e in events}) == 1
         assert events[-1]["directory"] == str(studies)
+        if args[-1] == damaged:  # SQLite does not say which file
+            assert events[-1]["error"] == f"--state {damaged}: file is not a database"
     assert events[-1]["error"].startswith(f"another run holds {held}.lock (pid {os.getpid()},")
     if Path("/dev/full").exists():  # a log that cannot take the line: the lock's exit code all the same
         with StateLock(held):
@@ -1243,8 +1274,8 @@ def test_an_older_exports_hard_link_is_replaced_by_a_copy(tmp_path):
 
 
 def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_path):
-    """A blank exposure beside a real image in one study, a blank lateral, and a PNG claiming more
-    pixels than screening decodes: skipped rows with their detail as the note, a quiet night (exit 0),
+    """A blank exposure beside a real image in one study, a blank lateral, and a PNG and a DICOM claiming
+    more pixels than screening decodes: skipped rows with their detail as the note, a quiet night (exit 0),
     and nothing to report again the next night.  Turning the header filter off decides the lateral's
     stored outcome again: it is decoded, and found blank."""
     from tests.test_dicom import png_claiming
@@ -1257,6 +1288,7 @@ def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_pat
     save(make_dataset(np.full_like(pixels, 900), study_uid=real.StudyInstanceUID), studies / "blank.dcm")
     save(make_dataset(np.full_like(pixels, 900), view="LL"), studies / "blank-lateral.dcm")
     png_claiming(studies / "big" / "scan.png", 9500, 9500)
+    save(make_dataset(np.zeros((4, 4), np.uint16), Rows=10000, Columns=8948), studies / "huge.dcm")
     for path in studies.rglob("*.*"):
         os.utime(path, (OLD, OLD))
     state, log = tmp_path / "state.db", tmp_path / "audit.jsonl"
@@ -1269,6 +1301,7 @@ def test_a_blank_or_too_large_image_is_skipped_quietly_and_reported_once(tmp_pat
     assert images["blank-lateral.dcm"]["reason"] == "not_frontal_view"
     assert (images["big/scan.png"]["reason"], images["big/scan.png"]["note"]) == (
         "image_too_large", "9500 x 9500 pixels; screening decodes at most 89,478,485 pixels")
+    assert (images["huge.dcm"]["status"], images["huge.dcm"]["reason"]) == ("skipped", "image_too_large")
     logged = {e["file"]: e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "file"}
     assert logged["blank.dcm"]["note"] == images["blank.dcm"]["note"]
 
